@@ -1,0 +1,77 @@
+"""Loads the compiled kernels (``pyanomaly._C``) if they match the installed torch.
+
+When the extension is missing, or was compiled against another torch, ``import pyanomaly``
+still works: a single warning gives the rebuild command and every op runs its pure-PyTorch
+reference instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "load_error"]
+
+REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+_C: Any = None
+_load_error: str | None = None
+_built_with_cuda = False
+
+
+def _load() -> None:
+    global _C, _load_error, _built_with_cuda
+    try:
+        from pyanomaly import _build_info
+    except ImportError:
+        _load_error = "the compiled extension pyanomaly._C is not built"
+        return
+    if _build_info.TORCH_VERSION != torch.__version__:
+        _load_error = (
+            f"pyanomaly._C was compiled against torch {_build_info.TORCH_VERSION} "
+            f"but torch {torch.__version__} is installed"
+        )
+        return
+    try:
+        _C = importlib.import_module("pyanomaly._C")
+    except ImportError as exc:  # missing .so, or an ABI mismatch the version check missed
+        _load_error = f"pyanomaly._C could not be imported ({exc})"
+        return
+    _built_with_cuda = bool(_C.build_info()["with_cuda"])
+
+
+_load()
+if _load_error is not None:
+    warnings.warn(
+        f"{_load_error}; pyanomaly ops fall back to their (slower, memory-hungry) pure-PyTorch "
+        f"references. Rebuild from the source folder with:\n    {REBUILD_COMMAND}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernels(device: torch.device | str | None = None) -> bool:
+    """Whether compiled kernels exist for ``device`` (any device when None)."""
+    if _C is None:
+        return False
+    if device is None:
+        return True
+    device_type = torch.device(device).type
+    if device_type == "cpu" or device_type == "meta":
+        return True
+    if device_type == "cuda":
+        return _built_with_cuda
+    return False
+
+
+def load_error() -> str | None:
+    """Why the compiled kernels are unavailable, or None when they loaded."""
+    return _load_error
+
+
+def build_info() -> dict:
+    """How the extension was built: torch version, CUDA, OpenMP (empty dict when not loaded)."""
+    return dict(_C.build_info()) if _C is not None else {}

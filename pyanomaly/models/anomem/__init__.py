@@ -1,0 +1,3 @@
+from pyanomaly.models.anomem.detector import AnoMem
+
+__all__ = ["AnoMem"]

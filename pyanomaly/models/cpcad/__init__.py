@@ -1,0 +1,3 @@
+from pyanomaly.models.cpcad.detector import CPCAD
+
+__all__ = ["CPCAD"]

@@ -1,0 +1,3 @@
+"""Layers built on the fused ops."""
+
+__all__: list[str] = []

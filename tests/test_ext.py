@@ -1,0 +1,55 @@
+"""The package imports, reports its build, and falls back to the references without kernels."""
+
+import subprocess
+import sys
+
+import torch
+
+import pyanomaly
+from pyanomaly import _ext
+
+
+def test_top_level_imports():
+    from pyanomaly import CPCAD, AnoMem  # noqa: F401
+
+    assert pyanomaly.ops.extract_patches is not None
+
+
+def test_kernels_loaded_for_this_torch():
+    assert _ext.load_error() is None, _ext.load_error()
+    info = _ext.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert _ext.has_kernels("cpu")
+
+
+def test_info_command_reports_build():
+    out = subprocess.run(
+        [sys.executable, "-m", "pyanomaly", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"torch {torch.__version__}" in out
+    assert "CPU kernels: yes" in out
+    assert "CUDA kernels:" in out
+
+
+def test_mismatched_torch_warns_once_and_falls_back_to_references():
+    script = """
+import warnings, torch
+torch.__version__ = "0.0.0-other"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import pyanomaly
+    from pyanomaly import _ext
+    images = torch.rand(2, 3, 8, 8)
+    out = pyanomaly.ops.extract_patches(images, 4, 2)
+    ref = pyanomaly.ops.extract_patches_ref(images, 4, 2)
+    assert torch.equal(out, ref)
+ours = [w for w in caught if "pyanomaly" in str(w.message)]
+assert len(ours) == 1, [str(w.message) for w in ours]
+message = str(ours[0].message)
+assert "compiled against torch" in message and "--no-build-isolation" in message, message
+assert not _ext.has_kernels("cpu")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
