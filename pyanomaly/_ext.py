@@ -7,19 +7,22 @@ reference instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "load_error"]
+__all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "load_error", "reference_mode"]
 
 REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
 
 _C: Any = None
 _load_error: str | None = None
 _built_with_cuda = False
+_force_reference = False
 
 
 def _load() -> None:
@@ -55,7 +58,7 @@ if _load_error is not None:
 
 def has_kernels(device: torch.device | str | None = None) -> bool:
     """Whether compiled kernels exist for ``device`` (any device when None)."""
-    if _C is None:
+    if _C is None or _force_reference:
         return False
     if device is None:
         return True
@@ -65,6 +68,17 @@ def has_kernels(device: torch.device | str | None = None) -> bool:
     if device_type == "cuda":
         return _built_with_cuda
     return False
+
+
+@contextlib.contextmanager
+def reference_mode(enabled: bool = True) -> Iterator[None]:
+    """Within this context every op runs its pure-PyTorch reference (for benchmarks and tests)."""
+    global _force_reference
+    previous, _force_reference = _force_reference, enabled
+    try:
+        yield
+    finally:
+        _force_reference = previous
 
 
 def load_error() -> str | None:
