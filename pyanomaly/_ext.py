@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ def _load() -> None:
         from pyanomaly import _build_info
     except ImportError:
         _load_error = "the compiled extension pyanomaly._C is not built"
+        source_root = Path(__file__).resolve().parents[1]
+        if (source_root / "setup.py").is_file():
+            _load_error += (
+                f" in {source_root / 'pyanomaly'}: this is the source checkout, imported because the current "
+                "folder comes first on sys.path; run from another folder (or use the `pyanomaly` command) "
+                "to get the installed package, or build here with `python setup.py build_ext --inplace`"
+            )
         return
     if _build_info.TORCH_VERSION != torch.__version__:
         _load_error = (

@@ -22,16 +22,17 @@ def test_kernels_loaded_for_this_torch():
     assert _ext.has_kernels("cpu")
 
 
-def test_info_command_reports_build():
+def test_info_command_reports_build(tmp_path):
+    # cwd outside the source checkout, so the installed package is imported
     out = subprocess.run(
-        [sys.executable, "-m", "pyanomaly", "info"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "pyanomaly", "info"], capture_output=True, text=True, check=True, cwd=tmp_path
     ).stdout
     assert f"torch {torch.__version__}" in out
     assert "CPU kernels: yes" in out
     assert "CUDA kernels:" in out
 
 
-def test_mismatched_torch_warns_once_and_falls_back_to_references():
+def test_mismatched_torch_warns_once_and_falls_back_to_references(tmp_path):
     script = """
 import warnings, torch
 torch.__version__ = "0.0.0-other"
@@ -50,6 +51,6 @@ assert "compiled against torch" in message and "--no-build-isolation" in message
 assert not _ext.has_kernels("cpu")
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout

@@ -129,8 +129,8 @@ class Detector:
             raise ValueError(f"{str(path)!r} holds a {payload['method']} model, not {cls.method}")
         target = cls if cls is not Detector else _registry()[payload["method"]]
         config = dict(payload["config"])
-        if device is not None:
-            config["device"] = str(device)
+        if device is not None or "device" in config:  # default CPU, whatever it was trained on
+            config["device"] = str(device) if device is not None else "cpu"
         detector = target(**config)
         detector._set_state(payload["state"])
         detector.threshold_ = float(payload["threshold"])

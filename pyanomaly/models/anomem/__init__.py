@@ -1,3 +1,6 @@
-from pyanomaly.models.anomem.detector import AnoMem
+"""AnoMem: anomaly detection via multi-scale contrasted memory (detector, networks, augmentations)."""
 
-__all__ = ["AnoMem"]
+from pyanomaly.models.anomem.detector import AnoMem
+from pyanomaly.models.anomem.torch_model import AnoMemModel, MemoryLayer
+
+__all__ = ["AnoMem", "AnoMemModel", "MemoryLayer"]

@@ -1,8 +1,614 @@
-"""AnoMem detector (placeholder until the AnoMem issue lands)."""
+"""AnoMem: anomaly detection via multi-scale contrasted memory (Jezequel et al.).
+
+Stage 1 learns an encoder and per-scale modern-Hopfield memories of the normal class with a
+memory-augmented SimCLR loss; stage 2 scores the deviation between the features and their memory
+recollection: its norm (one-class) or per-scale classifiers trained with the double-hinge loss when a
+few labelled anomalies are given (semi-supervised). ``fit(normal)`` / ``fit(normal, anomalies)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pyanomaly.data import stack_resized
+from pyanomaly.models.anomem.augment import AugmentConfig, simclr_view
+from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
+from pyanomaly.models.base import Detector
+
+__all__ = ["AnoMem"]
+
+_BACKBONES = ("resnet18", "resnet50")
 
 
-class AnoMem:
-    """Anomaly detection via multi-scale contrasted memory (Jezequel et al.). Not built yet."""
+class AnoMem(Detector):
+    """Anomaly detection via multi-scale contrasted memory, one-class or semi-supervised.
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("AnoMem is not implemented yet")
+    The paper's text lost most of its numbers; every default below says where it comes from.
+
+    Args:
+        backbone: "resnet50" (the paper) or "resnet18" (a lighter option for small images).
+        width: encoder base width; 64 is the standard network, smaller values give tiny encoders.
+        small_input: use the CIFAR stem (3x3 stride 1, no max pool); None = when the images are at
+            most 64 px a side (otherwise a 32 px image would leave a 1x1 stage-4 map).
+        scales: encoder stages with a memory layer. Paper: after stage 3 and after stage 4.
+        memory_sizes: stored patterns per scale. Paper Sec. 4.5: 256 at the last scale is the knee
+            of the memory-size ablation and lower scales profit from larger memories; we take twice
+            as many at stage 3: (512, 256).
+        beta: Hopfield inverse temperature; None = 1 / sqrt(channels), hopfield-layers' default
+            (the paper's value is lost). Queries and patterns are LayerNorm-ed as in hopfield-layers.
+        hopfield_iters: retrieval steps at most. The paper iterates "until convergence"; 3 unrolled
+            steps with hopfield-layers' tolerance (1e-4) is our choice (its default is 1 step).
+        hopfield_tol: per-query convergence tolerance (hopfield-layers' ``update_steps_eps``).
+        sampling_ratios: fraction of each scale's positions used in the stage-1 loss. Paper Sec.
+            4.6: very low ratios hurt, doubling past the default gains ~2%, and the small last map
+            is used whole; we take (0.25, 1.0).
+        scale_weights: lambda_s of the loss and of the score (Eq. 7, 13); None = 2 ** (s - last
+            scale), i.e. (0.5, 1.0): "increase exponentially" with depth (paper Sec. 4.2).
+        temperature: NT-Xent tau; 0.5, SimCLR's best on CIFAR-10 ("as suggested in [9]").
+        variance_weight: mu, weight of the variance loss (value lost); 1.0 is our choice.
+        projection_dim: None (default) contrasts the normalised features and recollections directly,
+            as the paper's Eq. 3-5 write it (f^1, f^2 are encoder features), so the memory has to
+            recall vectors close to the features and ||f - M(f)|| (Eq. 9) is meaningful; an int adds
+            a per-scale SimCLR projection head (Linear-ReLU-Linear) with that output size.
+        epochs: stage-1 epochs (value lost; SimCLR-style runs use hundreds).
+        batch_size: stage-1 batch (value lost); 256, SimCLR's CIFAR setting without LARS.
+        lr, momentum, weight_decay: SGD with Nesterov momentum and a cosine schedule (paper Sec.
+            4.2); 0.1 / 0.9 / 5e-4, common CIFAR SGD values (ours).
+        classifier_pool: the semi-supervised classifiers average-pool each deviation map to this
+            side (Eq. 10; value lost, ours).
+        classifier_hidden: hidden units of their two-layer MLP (ours).
+        margin: double-hinge margin around the unit sphere (Eq. 11; value lost); 0.5, ours.
+        classifier_epochs, classifier_lr: stage-2 training (SGD Nesterov + cosine, as stage 1).
+        image_size: side (or (h, w)) images are resized to; None = the training images' size.
+        augment: overrides of :class:`~pyanomaly.models.anomem.augment.AugmentConfig` fields.
+        contamination: fraction of training scores above ``threshold_``.
+        seed: seeds the weights, the batch order and every augmentation draw.
+        device: where to train and score ("cpu", "cuda", "cuda:1").
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        eval_batch_size: images per scoring batch.
+        verbose: print per-epoch progress to stderr.
+
+    Attributes:
+        model_: the trained :class:`AnoMemModel`.
+        history_: one dict per epoch: stage, epoch, loss (and its parts), lr, seconds.
+        semi_supervised_: whether stage 2 trained the classifiers.
+    """
+
+    method = "anomem"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet50",
+        width: int = 64,
+        small_input: bool | None = None,
+        scales: Sequence[int] = (3, 4),
+        memory_sizes: Sequence[int] = (512, 256),
+        beta: float | None = None,
+        hopfield_iters: int = 3,
+        hopfield_tol: float = 1e-4,
+        sampling_ratios: Sequence[float] = (0.25, 1.0),
+        scale_weights: Sequence[float] | None = None,
+        temperature: float = 0.5,
+        variance_weight: float = 1.0,
+        projection_dim: int | None = None,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        classifier_pool: int = 2,
+        classifier_hidden: int = 256,
+        margin: float = 0.5,
+        classifier_epochs: int = 100,
+        classifier_lr: float = 0.01,
+        image_size: int | Sequence[int] | None = None,
+        augment: dict | None = None,
+        contamination: float = 0.1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+        eval_batch_size: int = 256,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(contamination=contamination)
+        if backbone not in _BACKBONES:
+            raise ValueError(f"backbone must be one of {_BACKBONES}, got {backbone!r}")
+        self.backbone = backbone
+        self.width = _positive_int(width, "width")
+        if small_input is not None and not isinstance(small_input, bool):
+            raise TypeError(f"small_input must be True, False or None, got {small_input!r}")
+        self.small_input = small_input
+        self.scales = _int_tuple(scales, "scales")
+        if any(s not in (1, 2, 3, 4) for s in self.scales) or list(self.scales) != sorted(set(self.scales)):
+            raise ValueError(f"scales must be increasing distinct stages among 1..4, got {tuple(scales)}")
+        n = len(self.scales)
+        self.memory_sizes = _int_tuple(memory_sizes, "memory_sizes", length=n)
+        if min(self.memory_sizes) < 1:
+            raise ValueError(f"memory_sizes must be positive, got {self.memory_sizes}")
+        self.beta = None if beta is None else _positive_float(beta, "beta")
+        self.hopfield_iters = _positive_int(hopfield_iters, "hopfield_iters")
+        self.hopfield_tol = float(hopfield_tol)
+        self.sampling_ratios = _float_tuple(sampling_ratios, "sampling_ratios", length=n)
+        if any(not 0 < r <= 1 for r in self.sampling_ratios):
+            raise ValueError(f"sampling_ratios must be in (0, 1], got {self.sampling_ratios}")
+        if scale_weights is None:
+            self.scale_weights = None
+        else:
+            self.scale_weights = _float_tuple(scale_weights, "scale_weights", length=n)
+            if any(w < 0 for w in self.scale_weights) or sum(self.scale_weights) <= 0:
+                raise ValueError(f"scale_weights must be >= 0 and not all 0, got {self.scale_weights}")
+        self.temperature = _positive_float(temperature, "temperature")
+        self.variance_weight = float(variance_weight)
+        if self.variance_weight < 0:
+            raise ValueError(f"variance_weight must be >= 0, got {variance_weight}")
+        self.projection_dim = None if projection_dim is None else _positive_int(projection_dim, "projection_dim")
+        self.epochs = _positive_int(epochs, "epochs")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (contrastive learning needs negatives), got {batch_size}")
+        self.lr = _positive_float(lr, "lr")
+        self.momentum = float(momentum)
+        if not 0 < self.momentum < 1:
+            raise ValueError(f"momentum must be in (0, 1) (Nesterov needs momentum), got {momentum}")
+        self.weight_decay = float(weight_decay)
+        self.classifier_pool = _positive_int(classifier_pool, "classifier_pool")
+        self.classifier_hidden = _positive_int(classifier_hidden, "classifier_hidden")
+        self.margin = float(margin)
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {margin}")
+        self.classifier_epochs = _positive_int(classifier_epochs, "classifier_epochs")
+        self.classifier_lr = _positive_float(classifier_lr, "classifier_lr")
+        if image_size is None:
+            self.image_size = None
+        elif isinstance(image_size, int) and not isinstance(image_size, bool):
+            self.image_size = (_positive_int(image_size, "image_size"),) * 2
+        else:
+            self.image_size = _int_tuple(image_size, "image_size", length=2)
+        self.augment = dict(augment or {})
+        try:
+            AugmentConfig(**self.augment)
+        except TypeError as exc:
+            raise ValueError(f"augment has an unknown field: {exc}") from None
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {device!r} but CUDA is not available")
+        self.amp = bool(amp)
+        self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
+        self.verbose = bool(verbose)
+        self.model_: AnoMemModel | None = None
+        self.history_: list[dict[str, Any]] = []
+        self.semi_supervised_ = False
+        self.in_channels_: int | None = None
+        self.fit_size_: tuple[int, int] | None = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def weights_(self) -> tuple[float, ...]:
+        """The scale weights in use (``scale_weights`` or the exponential default)."""
+        if self.scale_weights is not None:
+            return self.scale_weights
+        last = self.scales[-1]
+        return tuple(2.0 ** (s - last) for s in self.scales)
+
+    def _autocast(self):
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _log(self, text: str) -> None:
+        if self.verbose:
+            print(f"[anomem] {text}", file=sys.stderr, flush=True)
+
+    def _images(self, data, name: str, *, fitted: bool) -> torch.Tensor:
+        """Validate and convert ``data`` to float (N, C, H, W) in [0, 1] at the working size (CPU)."""
+        images = _as_float_images(data, name, self.fit_size_ if fitted else self.image_size)
+        if fitted and images.shape[1] != self.in_channels_:
+            raise ValueError(
+                f"{name} has {images.shape[1]} channels but the model was fitted on {self.in_channels_}"
+            )
+        return images
+
+    def _build_model(self, channels: int, size: tuple[int, int], mean=None, std=None) -> AnoMemModel:
+        small = self.small_input if self.small_input is not None else max(size) <= 64
+        return AnoMemModel(
+            backbone=self.backbone,
+            in_channels=channels,
+            width=self.width,
+            small_input=small,
+            scales=self.scales,
+            memory_sizes=self.memory_sizes,
+            beta=self.beta,
+            hopfield_iters=self.hopfield_iters,
+            hopfield_tol=self.hopfield_tol,
+            projection_dim=self.projection_dim,
+            classifier_pool=self.classifier_pool,
+            classifier_hidden=self.classifier_hidden,
+            mean=mean,
+            std=std,
+        )
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(self, normal, anomalies=None) -> AnoMem:
+        """Train on normal images, plus labelled anomalies for the semi-supervised detector.
+
+        Args:
+            normal: normal training images: uint8 or float in [0, 1], a tensor or array
+                (N, C, H, W) or a sequence of (C, H, W) tensors (resized to ``image_size``).
+            anomalies: optional labelled anomalous images in the same formats; given, stage 2
+                trains the per-scale classifiers, otherwise the detector is one-class.
+
+        Returns:
+            self.
+        """
+        start = time.perf_counter()
+        normal_x = _as_float_images(normal, "normal", self.image_size)
+        if normal_x.shape[0] < 2:
+            raise ValueError(f"normal must hold at least 2 images, got {normal_x.shape[0]}")
+        size = tuple(normal_x.shape[-2:])
+        if anomalies is not None:
+            anomaly_x = _as_float_images(anomalies, "anomalies", size)
+            if anomaly_x.shape[1] != normal_x.shape[1]:
+                raise ValueError(
+                    f"anomalies has {anomaly_x.shape[1]} channels but normal has {normal_x.shape[1]}"
+                )
+        else:
+            anomaly_x = normal_x.new_zeros((0, *normal_x.shape[1:]))
+        self.in_channels_, self.fit_size_ = int(normal_x.shape[1]), size
+        self.semi_supervised_ = anomaly_x.shape[0] > 0
+        mean = normal_x.mean(dim=(0, 2, 3))
+        std = normal_x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model_ = self._build_model(self.in_channels_, size, mean.tolist(), std.tolist())
+        self.model_.to(self.device)
+        self.history_ = []
+        self._train_stage1(normal_x, anomaly_x)
+        if self.semi_supervised_:
+            self._train_classifiers(normal_x, anomaly_x)
+        train_scores = self._score(torch.cat([normal_x, anomaly_x]))
+        self._fit_threshold(train_scores)
+        self._log(f"fitted in {time.perf_counter() - start:.1f} s")
+        return self
+
+    def _train_stage1(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor) -> None:
+        model = self.model_
+        images = torch.cat([normal_x, anomaly_x])
+        is_normal = torch.cat(
+            [torch.ones(len(normal_x), dtype=torch.bool), torch.zeros(len(anomaly_x), dtype=torch.bool)]
+        )
+        n = images.shape[0]
+        batch_size = min(self.batch_size, n)
+        steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch (BatchNorm, negatives)
+        total_steps = steps_per_epoch * self.epochs
+        params = [
+            p
+            for name, p in model.named_parameters()
+            if not name.startswith("classifiers.")
+        ]
+        optimizer = torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        cpu_gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        config = AugmentConfig(**self.augment)
+        model.train()
+        for epoch in range(1, self.epochs + 1):
+            tick = time.perf_counter()
+            order = torch.randperm(n, generator=cpu_gen)
+            sums = {"loss": 0.0, "contrastive": 0.0, "variance": 0.0}
+            lr = optimizer.param_groups[0]["lr"]
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size : (step + 1) * batch_size]
+                x = images[index].to(self.device, non_blocking=True)
+                normal_mask = is_normal[index].to(self.device)
+                first, first_crop = simclr_view(x, config, gen)
+                second, second_crop = simclr_view(x, config, gen)
+                with self._autocast():
+                    loss, parts = model.contrastive_loss(
+                        first,
+                        first_crop,
+                        second,
+                        second_crop,
+                        normal_mask,
+                        sampling_ratios=self.sampling_ratios,
+                        scale_weights=self.weights_,
+                        temperature=self.temperature,
+                        variance_weight=self.variance_weight,
+                        generator=gen,
+                    )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"stage-1 loss became {float(loss)} at epoch {epoch}; lower lr (now {self.lr})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                sums["loss"] += float(loss.detach())
+                sums["contrastive"] += parts["contrastive"]
+                sums["variance"] += parts["variance"]
+            record = {"stage": 1, "epoch": epoch, "lr": lr, "seconds": time.perf_counter() - tick}
+            record.update({k: v / steps_per_epoch for k, v in sums.items()})
+            self.history_.append(record)
+            self._log(
+                f"stage 1 epoch {epoch}/{self.epochs} loss {record['loss']:.4f} "
+                f"(contrastive {record['contrastive']:.4f}, variance {record['variance']:.4f}) "
+                f"lr {lr:.4g} {record['seconds']:.1f} s"
+            )
+
+    @torch.no_grad()
+    def _pooled_deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per scale, the deviation maps average-pooled to ``classifier_pool`` (N, C_s, p, p), on device."""
+        model = self.model_
+        model.eval()
+        chunks: list[list[torch.Tensor]] = [[] for _ in self.scales]
+        for start in range(0, images.shape[0], self.eval_batch_size):
+            x = images[start : start + self.eval_batch_size].to(self.device)
+            with self._autocast():
+                for s, d in enumerate(model.deviations(x)):
+                    chunks[s].append(F.adaptive_avg_pool2d(d.float(), self.classifier_pool))
+        return [torch.cat(c) for c in chunks]
+
+    def _train_classifiers(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor) -> None:
+        """Stage 2, semi-supervised: the scale classifiers on frozen deviation maps (Eq. 10-12).
+
+        The encoder and memories are frozen, so the pooled deviation maps are computed once (pooling
+        is the classifiers' first layer). Normal and anomalous terms of the double-hinge loss are
+        averaged separately and added (the anomalies are a small minority).
+        """
+        model = self.model_
+        inputs = self._pooled_deviations(torch.cat([normal_x, anomaly_x]))
+        labels = torch.cat(
+            [torch.zeros(len(normal_x), dtype=torch.bool), torch.ones(len(anomaly_x), dtype=torch.bool)]
+        ).to(self.device)
+        n = labels.shape[0]
+        batch_size = min(self.batch_size, n)
+        steps_per_epoch = max(1, math.ceil(n / batch_size))
+        params = list(model.classifiers.parameters())
+        optimizer = torch.optim.SGD(
+            params, lr=self.classifier_lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * self.classifier_epochs)
+        cpu_gen = torch.Generator().manual_seed(self.seed + 2)
+        model.classifiers.train()
+        heads = [clf.mlp for clf in model.classifiers]  # the pooling is already applied
+        for epoch in range(1, self.classifier_epochs + 1):
+            tick = time.perf_counter()
+            order = torch.randperm(n, generator=cpu_gen).to(self.device)
+            total, lr = 0.0, optimizer.param_groups[0]["lr"]
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size : (step + 1) * batch_size]
+                y = labels[index]
+                loss = inputs[0].new_zeros(())
+                for s, head in enumerate(heads):
+                    distance = head(inputs[s][index]).squeeze(1)
+                    per_sample = double_hinge_loss(distance, y, self.margin)
+                    term = per_sample[~y].mean() if bool((~y).any()) else per_sample.new_zeros(())
+                    if bool(y.any()):
+                        term = term + per_sample[y].mean()
+                    loss = loss + self.weights_[s] * term
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+            record = {
+                "stage": 2,
+                "epoch": epoch,
+                "loss": total / steps_per_epoch,
+                "lr": lr,
+                "seconds": time.perf_counter() - tick,
+            }
+            self.history_.append(record)
+            if epoch == self.classifier_epochs or epoch % max(1, self.classifier_epochs // 5) == 0:
+                self._log(f"stage 2 epoch {epoch}/{self.classifier_epochs} loss {record['loss']:.4f}")
+        model.eval()
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _scale_scores(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model_
+        model.eval()
+        out = []
+        for start in range(0, images.shape[0], self.eval_batch_size):
+            x = images[start : start + self.eval_batch_size].to(self.device)
+            with self._autocast():
+                if self.semi_supervised_:
+                    scores = model.classifier_scores(x)
+                else:
+                    scores = model.one_class_scores(x)
+            out.append(scores.float().cpu())
+        return torch.cat(out)
+
+    def _score(self, images: torch.Tensor) -> np.ndarray:
+        weights = torch.tensor(self.weights_, dtype=torch.float32)
+        return (self._scale_scores(images) * weights).sum(dim=1).double().numpy()
+
+    def scale_scores(self, images) -> np.ndarray:
+        """Per-scale anomaly scores (N, S) before the weighted sum (Eq. 9 or 10)."""
+        self._check_model()
+        return self._scale_scores(self._images(images, "images", fitted=True)).double().numpy()
+
+    def decision_function(self, images) -> np.ndarray:
+        """Anomaly scores (N,), higher = more anomalous (Eq. 13: the scale-weighted sum).
+
+        Args:
+            images: uint8 or float in [0, 1]; a tensor or array (N, C, H, W) or a sequence of
+                (C, H, W) tensors; resized to the training size when it differs.
+        """
+        self._check_model()
+        return self._score(self._images(images, "images", fitted=True))
+
+    def _check_model(self) -> None:
+        if self.model_ is None:
+            raise RuntimeError("this AnoMem is not fitted yet: call fit(...) or load(...) first")
+
+    # -- persistence ----------------------------------------------------------------------------
+    def _get_config(self) -> dict:
+        return {
+            "backbone": self.backbone,
+            "width": self.width,
+            "small_input": self.small_input,
+            "scales": list(self.scales),
+            "memory_sizes": list(self.memory_sizes),
+            "beta": self.beta,
+            "hopfield_iters": self.hopfield_iters,
+            "hopfield_tol": self.hopfield_tol,
+            "sampling_ratios": list(self.sampling_ratios),
+            "scale_weights": None if self.scale_weights is None else list(self.scale_weights),
+            "temperature": self.temperature,
+            "variance_weight": self.variance_weight,
+            "projection_dim": self.projection_dim,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "classifier_pool": self.classifier_pool,
+            "classifier_hidden": self.classifier_hidden,
+            "margin": self.margin,
+            "classifier_epochs": self.classifier_epochs,
+            "classifier_lr": self.classifier_lr,
+            "image_size": None if self.image_size is None else list(self.image_size),
+            "augment": dict(self.augment),
+            "contamination": self.contamination,
+            "seed": self.seed,
+            "device": str(self.device),
+            "amp": self.amp,
+            "eval_batch_size": self.eval_batch_size,
+            "verbose": self.verbose,
+        }
+
+    def _get_state(self) -> dict:
+        self._check_model()
+        return {
+            "model": self.model_.state_dict(),
+            "in_channels": self.in_channels_,
+            "fit_size": list(self.fit_size_),
+            "semi_supervised": self.semi_supervised_,
+            "history": [dict(r) for r in self.history_],
+        }
+
+    def _set_state(self, state: dict) -> None:
+        self.in_channels_ = int(state["in_channels"])
+        self.fit_size_ = tuple(int(v) for v in state["fit_size"])
+        self.semi_supervised_ = bool(state["semi_supervised"])
+        self.model_ = self._build_model(self.in_channels_, self.fit_size_)
+        self.model_.load_state_dict(state["model"])
+        self.model_.to(self.device).eval()
+        self.history_ = [dict(r) for r in state.get("history", [])]
+
+    def __repr__(self) -> str:
+        return (
+            f"AnoMem(backbone={self.backbone!r}, width={self.width}, scales={self.scales}, "
+            f"memory_sizes={self.memory_sizes}, epochs={self.epochs}, device={str(self.device)!r})"
+        )
+
+
+# -- argument checks ---------------------------------------------------------------------------
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _int_tuple(value, name: str, *, length: int | None = None) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of ints, got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in value):
+        raise ValueError(f"{name} must hold ints, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must have {length} entries (one per scale), got {len(value)}: {tuple(value)}")
+    return tuple(int(v) for v in value)
+
+
+def _float_tuple(value, name: str, *, length: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a sequence of numbers, got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float, np.number)) for v in value):
+        raise ValueError(f"{name} must hold numbers, got {value!r}")
+    if len(value) != length:
+        raise ValueError(f"{name} must have {length} entries (one per scale), got {len(value)}: {tuple(value)}")
+    return tuple(float(v) for v in value)
+
+
+def _as_float_images(data, name: str, size: tuple[int, int] | None) -> torch.Tensor:
+    """uint8 / float [0, 1] images as a tensor, array or sequence -> float32 (N, C, H, W) on CPU."""
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if isinstance(data, (list, tuple)):
+        if len(data) == 0:
+            raise ValueError(f"{name} is empty")
+        items = [torch.from_numpy(np.asarray(d)) if isinstance(d, np.ndarray) else d for d in data]
+        for i, item in enumerate(items):
+            if not isinstance(item, torch.Tensor) or item.ndim != 3:
+                raise ValueError(f"{name}[{i}] must be an image tensor (C, H, W), got {_describe(item)}")
+        dtypes = {item.dtype for item in items}
+        if dtypes == {torch.uint8}:
+            target = size if size is not None else tuple(items[0].shape[-2:])
+            data = stack_resized(items, target)
+        else:
+            shapes = {tuple(item.shape) for item in items}
+            if len(shapes) != 1:
+                raise ValueError(f"{name}: float images of different shapes {sorted(shapes)}; pass uint8 to resize")
+            data = torch.stack(items)
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(
+            f"{name} must be images (N, C, H, W) as a tensor, numpy array or a sequence of (C, H, W) "
+            f"tensors, got {type(data).__name__}"
+        )
+    if data.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(data.shape)}")
+    if data.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 images)")
+    if data.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must have 1 or 3 channels on axis 1 (N, C, H, W), got shape {tuple(data.shape)}")
+    if min(data.shape[-2:]) < 8:
+        raise ValueError(f"{name} images must be at least 8 px a side, got {tuple(data.shape[-2:])}")
+    if data.dtype == torch.uint8:
+        images = data.float() / 255.0
+    elif data.is_floating_point():
+        images = data.detach().float().cpu()
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]")
+    else:
+        raise ValueError(f"{name} must be uint8 or floating point, got {data.dtype}")
+    images = images.cpu()
+    if size is not None and tuple(images.shape[-2:]) != tuple(size):
+        images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        images = images.clamp_(0, 1)
+    return images.contiguous()
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
