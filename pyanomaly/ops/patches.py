@@ -34,7 +34,9 @@ class _PatchArgs:
         if images.dim() != 4:
             raise ValueError(f"images must have shape (B, C, H, W), got shape {tuple(images.shape)}")
         if images.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"images must be uint8, float16, bfloat16, float32 or float64, got {images.dtype}")
+            raise TypeError(
+                f"images must be uint8, float16, bfloat16, float32 or float64, got {images.dtype}"
+            )
         batch, channels, height, width = images.shape
         self.size = pair(size, "size")
         self.stride = pair(stride, "stride")
@@ -62,7 +64,10 @@ class _PatchArgs:
             raise ValueError(f"std must not contain zeros, got {self.std}")
         if hflip is not None:
             if not isinstance(hflip, torch.Tensor) or hflip.dtype != torch.bool or hflip.shape != (batch,):
-                got = f"{hflip.dtype} of shape {tuple(hflip.shape)}" if isinstance(hflip, torch.Tensor) else type(hflip).__name__
+                if isinstance(hflip, torch.Tensor):
+                    got = f"{hflip.dtype} of shape {tuple(hflip.shape)}"
+                else:
+                    got = type(hflip).__name__
                 raise ValueError(f"hflip must be a bool tensor of shape ({batch},), got {got}")
             if hflip.device != images.device:
                 raise ValueError(f"hflip must be on the images' device {images.device}, got {hflip.device}")
@@ -177,8 +182,7 @@ def extract_patches(
         )
     return torch.ops.pyanomaly.extract_patches(
         images, list(args.size), list(args.stride), list(args.sub_size or ()), list(args.sub_stride or ()),
-        args.grayscale, None if args.mean is None else list(args.mean), None if args.std is None else list(args.std),
-        args.hflip, args.dtype,
+        args.grayscale, _as_list(args.mean), _as_list(args.std), args.hflip, args.dtype,
     )
 
 
@@ -186,14 +190,18 @@ def _check_fold_args(scores, size, stride, output_size):
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() not in (3, 4):
-        raise ValueError(f"scores must have shape (B, nh, nw) or (B, nh, nw, C), got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must have shape (B, nh, nw) or (B, nh, nw, C), got shape {tuple(scores.shape)}"
+        )
     if not scores.is_floating_point():
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
     size, stride, output_size = pair(size, "size"), pair(stride, "stride"), pair(output_size, "output_size")
     for axis in range(2):
         n = scores.shape[1 + axis]
         if n < 1:
-            raise ValueError(f"scores must have at least one patch along each axis, got shape {tuple(scores.shape)}")
+            raise ValueError(
+                f"scores must have at least one patch along each axis, got shape {tuple(scores.shape)}"
+            )
         if (n - 1) * stride[axis] + size[axis] > output_size[axis]:
             raise ValueError(
                 f"{n} patches of size {size[axis]} at stride {stride[axis]} do not fit in output_size "
@@ -245,8 +253,14 @@ def fold_patches(
         return fold_patches_ref(scores, size, stride, output_size, reduce=reduce)
     squeeze = scores.dim() == 3
     values = scores.unsqueeze(-1) if squeeze else scores
-    out = torch.ops.pyanomaly.fold_patches(values, list(size), list(stride), list(output_size), reduce == "mean")
+    out = torch.ops.pyanomaly.fold_patches(
+        values, list(size), list(stride), list(output_size), reduce == "mean"
+    )
     return out[:, 0] if squeeze else out
+
+
+def _as_list(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
 
 
 def _extract_output_shape(images_shape, size, stride, sub_size, sub_stride, grayscale) -> list:
@@ -303,7 +317,8 @@ def _register_kernels() -> None:
         if ctx.needs_input_grad[0]:
             size, stride, sub_size, sub_stride, grayscale, std = ctx.geometry
             grad_images = torch.ops.pyanomaly.extract_patches_backward(
-                grad, ctx.images_shape, ctx.images_dtype, size, stride, sub_size, sub_stride, grayscale, std, hflip
+                grad, ctx.images_shape, ctx.images_dtype, size, stride, sub_size, sub_stride, grayscale, std,
+                hflip,
             )
         return grad_images, None, None, None, None, None, None, None, None, None
 
@@ -323,12 +338,15 @@ def _register_kernels() -> None:
         if ctx.needs_input_grad[0]:
             size, stride, sub_size, sub_stride, grayscale, std = ctx.geometry
             grad_grad = torch.ops.pyanomaly.extract_patches(
-                grad_grad_images, size, stride, sub_size, sub_stride, grayscale, None, std, hflip, ctx.grad_dtype
+                grad_grad_images, size, stride, sub_size, sub_stride, grayscale, None, std, hflip,
+                ctx.grad_dtype,
             )
         return grad_grad, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
-        "pyanomaly::extract_patches_backward", _extract_backward_backward, setup_context=_extract_backward_setup
+        "pyanomaly::extract_patches_backward",
+        _extract_backward_backward,
+        setup_context=_extract_backward_setup,
     )
 
     # fold_patches and its backward are each other's adjoints.
@@ -338,7 +356,8 @@ def _register_kernels() -> None:
 
     def _fold_backward(ctx, grad):
         size, stride, grid, mean = ctx.args
-        return torch.ops.pyanomaly.fold_patches_backward(grad, size, stride, grid, mean), None, None, None, None
+        grad_values = torch.ops.pyanomaly.fold_patches_backward(grad, size, stride, grid, mean)
+        return grad_values, None, None, None, None
 
     torch.library.register_autograd("pyanomaly::fold_patches", _fold_backward, setup_context=_fold_setup)
 
