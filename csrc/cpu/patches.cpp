@@ -50,10 +50,17 @@ inline void luma_row(const in_t* src, int64_t channel_step, int64_t step, out_t*
   const in_t* r = src;
   const in_t* g = src + channel_step;
   const in_t* b = src + 2 * channel_step;
-  for (int64_t px = 0; px < n; ++px) {
-    const int64_t o = px * step;
-    const acc_t raw = wr * load<acc_t>(r[o]) + wg * load<acc_t>(g[o]) + wb * load<acc_t>(b[o]);
-    dst[px] = static_cast<out_t>(raw * scale + shift);
+  if (step == 1) {  // contiguous rows (NCHW input, no flip): vectorisable
+    for (int64_t px = 0; px < n; ++px) {
+      const acc_t raw = wr * load<acc_t>(r[px]) + wg * load<acc_t>(g[px]) + wb * load<acc_t>(b[px]);
+      dst[px] = static_cast<out_t>(raw * scale + shift);
+    }
+  } else {
+    for (int64_t px = 0; px < n; ++px) {
+      const int64_t o = px * step;
+      const acc_t raw = wr * load<acc_t>(r[o]) + wg * load<acc_t>(g[o]) + wb * load<acc_t>(b[o]);
+      dst[px] = static_cast<out_t>(raw * scale + shift);
+    }
   }
 }
 
@@ -219,6 +226,7 @@ void fold_forward_kernel(const FoldGeometry& f, const at::Tensor& values, bool m
   scalar_t* out0 = out.mutable_data_ptr<scalar_t>();
   const int64_t rows = f.batch * f.channels * f.height;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / (4 * f.width)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> column_sum(f.nw);
     for (int64_t row = begin; row < end; ++row) {  // row = (b, c, y)
       const int64_t y = row % f.height;
       const int64_t c = (row / f.height) % f.channels;
@@ -226,13 +234,17 @@ void fold_forward_kernel(const FoldGeometry& f, const at::Tensor& values, bool m
       const int64_t i_first = first_covering(y, f.size_h, f.stride_h);
       const int64_t i_last = std::min(f.nh - 1, y / f.stride_h);
       const scalar_t* src = values0 + b * vb + c * vc;
+      for (int64_t j = 0; j < f.nw; ++j) {  // the covering rows' values, summed per patch column
+        acc_t sum = 0;
+        for (int64_t i = i_first; i <= i_last; ++i) sum += load<acc_t>(src[i * vi + j * vj]);
+        column_sum[j] = sum;
+      }
+      const int64_t rows_covering = std::max<int64_t>(0, i_last - i_first + 1);
       scalar_t* dst = out0 + row * f.width;
       for (int64_t x = 0; x < f.width; ++x) {
-        const int64_t count = std::max<int64_t>(0, i_last - i_first + 1) * std::max<int64_t>(0, j_last[x] - j_first[x] + 1);
+        const int64_t count = rows_covering * std::max<int64_t>(0, j_last[x] - j_first[x] + 1);
         acc_t sum = 0;
-        for (int64_t i = i_first; i <= i_last; ++i) {
-          for (int64_t j = j_first[x]; j <= j_last[x]; ++j) sum += load<acc_t>(src[i * vi + j * vj]);
-        }
+        for (int64_t j = j_first[x]; j <= j_last[x]; ++j) sum += column_sum[j];
         dst[x] = static_cast<scalar_t>(count == 0 ? acc_t(0) : (mean ? sum / static_cast<acc_t>(count) : sum));
       }
     }

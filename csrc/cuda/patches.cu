@@ -172,9 +172,11 @@ __global__ void __launch_bounds__(kThreads) fold_patches_kernel(const __grid_con
     const int64_t i_first = first_covering(y, f.size_h, f.stride_h), i_last = min64(f.nh - 1, y / f.stride_h);
     const int64_t j_first = first_covering(x, f.size_w, f.stride_w), j_last = min64(f.nw - 1, x / f.stride_w);
     const T* src = values + b * vs[0] + c * vs[3];
-    acc_t sum = 0;
-    for (int64_t i = i_first; i <= i_last; ++i) {
-      for (int64_t j = j_first; j <= j_last; ++j) sum += load<acc_t>(src + i * vs[1] + j * vs[2]);
+    acc_t sum = 0;  // summed per patch column, then across columns: the CPU kernel's order
+    for (int64_t j = j_first; j <= j_last; ++j) {
+      acc_t column = 0;
+      for (int64_t i = i_first; i <= i_last; ++i) column += load<acc_t>(src + i * vs[1] + j * vs[2]);
+      sum += column;
     }
     const int64_t ny = i_last - i_first + 1, nx = j_last - j_first + 1;
     const int64_t count = (ny > 0 && nx > 0) ? ny * nx : 0;
