@@ -34,7 +34,9 @@ class _PatchArgs:
         if images.dim() != 4:
             raise ValueError(f"images must have shape (B, C, H, W), got shape {tuple(images.shape)}")
         if images.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"images must be uint8, float16, bfloat16, float32 or float64, got {images.dtype}")
+            raise TypeError(
+                f"images must be uint8, float16, bfloat16, float32 or float64, got {images.dtype}"
+            )
         batch, channels, height, width = images.shape
         self.size = pair(size, "size")
         self.stride = pair(stride, "stride")
@@ -62,7 +64,10 @@ class _PatchArgs:
             raise ValueError(f"std must not contain zeros, got {self.std}")
         if hflip is not None:
             if not isinstance(hflip, torch.Tensor) or hflip.dtype != torch.bool or hflip.shape != (batch,):
-                got = f"{hflip.dtype} of shape {tuple(hflip.shape)}" if isinstance(hflip, torch.Tensor) else type(hflip).__name__
+                if isinstance(hflip, torch.Tensor):
+                    got = f"{hflip.dtype} of shape {tuple(hflip.shape)}"
+                else:
+                    got = type(hflip).__name__
                 raise ValueError(f"hflip must be a bool tensor of shape ({batch},), got {got}")
             if hflip.device != images.device:
                 raise ValueError(f"hflip must be on the images' device {images.device}, got {hflip.device}")
@@ -177,7 +182,7 @@ def extract_patches(
         )
     return torch.ops.pyanomaly.extract_patches(
         images, list(args.size), list(args.stride), list(args.sub_size or ()), list(args.sub_stride or ()),
-        args.grayscale, args.mean, args.std, args.hflip, args.dtype,
+        args.grayscale, _as_list(args.mean), _as_list(args.std), args.hflip, args.dtype,
     )
 
 
@@ -185,14 +190,18 @@ def _check_fold_args(scores, size, stride, output_size):
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() not in (3, 4):
-        raise ValueError(f"scores must have shape (B, nh, nw) or (B, nh, nw, C), got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must have shape (B, nh, nw) or (B, nh, nw, C), got shape {tuple(scores.shape)}"
+        )
     if not scores.is_floating_point():
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
     size, stride, output_size = pair(size, "size"), pair(stride, "stride"), pair(output_size, "output_size")
     for axis in range(2):
         n = scores.shape[1 + axis]
         if n < 1:
-            raise ValueError(f"scores must have at least one patch along each axis, got shape {tuple(scores.shape)}")
+            raise ValueError(
+                f"scores must have at least one patch along each axis, got shape {tuple(scores.shape)}"
+            )
         if (n - 1) * stride[axis] + size[axis] > output_size[axis]:
             raise ValueError(
                 f"{n} patches of size {size[axis]} at stride {stride[axis]} do not fit in output_size "
@@ -244,5 +253,127 @@ def fold_patches(
         return fold_patches_ref(scores, size, stride, output_size, reduce=reduce)
     squeeze = scores.dim() == 3
     values = scores.unsqueeze(-1) if squeeze else scores
-    out = torch.ops.pyanomaly.fold_patches(values, list(size), list(stride), list(output_size), reduce == "mean")
+    out = torch.ops.pyanomaly.fold_patches(
+        values, list(size), list(stride), list(output_size), reduce == "mean"
+    )
     return out[:, 0] if squeeze else out
+
+
+def _as_list(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
+
+
+def _extract_output_shape(images_shape, size, stride, sub_size, sub_stride, grayscale) -> list:
+    batch, channels, height, width = images_shape
+    nh, nw = (height - size[0]) // stride[0] + 1, (width - size[1]) // stride[1] + 1
+    out_channels = 1 if grayscale else channels
+    if not sub_size:
+        return [batch, nh, nw, out_channels, size[0], size[1]]
+    mh, mw = (size[0] - sub_size[0]) // sub_stride[0] + 1, (size[1] - sub_size[1]) // sub_stride[1] + 1
+    return [batch, nh, nw, mh, mw, out_channels, sub_size[0], sub_size[1]]
+
+
+def _register_kernels() -> None:
+    """Fake kernels and autograd formulas of the compiled ops (only when they are loaded)."""
+
+    @torch.library.register_fake("pyanomaly::extract_patches")
+    def _extract_fake(images, size, stride, sub_size, sub_stride, grayscale, mean, std, hflip, dtype):
+        torch._check(images.dim() == 4, lambda: f"images must have shape (B, C, H, W), got {images.shape}")
+        torch._check(
+            size[0] <= images.shape[2] and size[1] <= images.shape[3],
+            lambda: f"size {size} must not exceed the images' (H, W) {tuple(images.shape[2:])}",
+        )
+        shape = _extract_output_shape(images.shape, size, stride, sub_size, sub_stride, grayscale)
+        return images.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake("pyanomaly::extract_patches_backward")
+    def _extract_backward_fake(
+        grad, images_shape, images_dtype, size, stride, sub_size, sub_stride, grayscale, std, hflip
+    ):
+        return grad.new_empty(images_shape, dtype=images_dtype)
+
+    @torch.library.register_fake("pyanomaly::fold_patches")
+    def _fold_fake(values, size, stride, output_size, mean):
+        torch._check(values.dim() == 4, lambda: f"values must have shape (B, nh, nw, C), got {values.shape}")
+        return values.new_empty(values.shape[0], values.shape[3], output_size[0], output_size[1])
+
+    @torch.library.register_fake("pyanomaly::fold_patches_backward")
+    def _fold_backward_fake(grad, size, stride, grid, mean):
+        torch._check(grad.dim() == 4, lambda: f"grad must have shape (B, C, H, W), got {grad.shape}")
+        return grad.new_empty(grad.shape[0], grid[0], grid[1], grad.shape[1])
+
+    # extract_patches: the backward is the overlap-add (scaled by 1/std and the luma weights); the
+    # backward of that linear map is extract_patches again, without mean.
+    def _extract_setup(ctx, inputs, output):
+        images, size, stride, sub_size, sub_stride, grayscale, _mean, std, hflip, _dtype = inputs
+        ctx.images_shape = list(images.shape)
+        ctx.images_dtype = images.dtype
+        ctx.geometry = (size, stride, sub_size, sub_stride, grayscale, std)
+        ctx.save_for_backward(hflip)
+
+    def _extract_backward(ctx, grad):
+        (hflip,) = ctx.saved_tensors
+        grad_images = None
+        if ctx.needs_input_grad[0]:
+            size, stride, sub_size, sub_stride, grayscale, std = ctx.geometry
+            grad_images = torch.ops.pyanomaly.extract_patches_backward(
+                grad, ctx.images_shape, ctx.images_dtype, size, stride, sub_size, sub_stride, grayscale, std,
+                hflip,
+            )
+        return grad_images, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pyanomaly::extract_patches", _extract_backward, setup_context=_extract_setup
+    )
+
+    def _extract_backward_setup(ctx, inputs, output):
+        grad, _shape, _dtype, size, stride, sub_size, sub_stride, grayscale, std, hflip = inputs
+        ctx.grad_dtype = grad.dtype
+        ctx.geometry = (size, stride, sub_size, sub_stride, grayscale, std)
+        ctx.save_for_backward(hflip)
+
+    def _extract_backward_backward(ctx, grad_grad_images):
+        (hflip,) = ctx.saved_tensors
+        grad_grad = None
+        if ctx.needs_input_grad[0]:
+            size, stride, sub_size, sub_stride, grayscale, std = ctx.geometry
+            grad_grad = torch.ops.pyanomaly.extract_patches(
+                grad_grad_images, size, stride, sub_size, sub_stride, grayscale, None, std, hflip,
+                ctx.grad_dtype,
+            )
+        return grad_grad, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pyanomaly::extract_patches_backward",
+        _extract_backward_backward,
+        setup_context=_extract_backward_setup,
+    )
+
+    # fold_patches and its backward are each other's adjoints.
+    def _fold_setup(ctx, inputs, output):
+        values, size, stride, _output_size, mean = inputs
+        ctx.args = (size, stride, [values.shape[1], values.shape[2]], mean)
+
+    def _fold_backward(ctx, grad):
+        size, stride, grid, mean = ctx.args
+        grad_values = torch.ops.pyanomaly.fold_patches_backward(grad, size, stride, grid, mean)
+        return grad_values, None, None, None, None
+
+    torch.library.register_autograd("pyanomaly::fold_patches", _fold_backward, setup_context=_fold_setup)
+
+    def _fold_backward_setup(ctx, inputs, output):
+        grad, size, stride, _grid, mean = inputs
+        ctx.args = (size, stride, [grad.shape[2], grad.shape[3]], mean)
+
+    def _fold_backward_backward(ctx, grad_grad_values):
+        size, stride, output_size, mean = ctx.args
+        grad_grad = torch.ops.pyanomaly.fold_patches(grad_grad_values, size, stride, output_size, mean)
+        return grad_grad, None, None, None, None
+
+    torch.library.register_autograd(
+        "pyanomaly::fold_patches_backward", _fold_backward_backward, setup_context=_fold_backward_setup
+    )
+
+
+if _ext.has_kernels():
+    _register_kernels()
