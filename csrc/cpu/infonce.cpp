@@ -41,6 +41,25 @@ inline acc_t dot(const scalar_t* __restrict a, const scalar_t* __restrict b, int
   return sum;
 }
 
+// Four dot products at once: four independent accumulators and four memory streams in flight.
+template <typename acc_t, typename scalar_t>
+inline void dot4(const scalar_t* __restrict q, const scalar_t* __restrict r0, const scalar_t* __restrict r1,
+                 const scalar_t* __restrict r2, const scalar_t* __restrict r3, int64_t d, acc_t* out) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t t = 0; t < d; ++t) {
+    const acc_t qt = static_cast<acc_t>(q[t]);
+    s0 += qt * static_cast<acc_t>(r0[t]);
+    s1 += qt * static_cast<acc_t>(r1[t]);
+    s2 += qt * static_cast<acc_t>(r2[t]);
+    s3 += qt * static_cast<acc_t>(r3[t]);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
 // acc[t] += c * row[t]
 template <typename acc_t, typename scalar_t>
 inline void axpy(acc_t* __restrict acc, acc_t c, const scalar_t* __restrict row, int64_t d) {
@@ -48,11 +67,40 @@ inline void axpy(acc_t* __restrict acc, acc_t c, const scalar_t* __restrict row,
   for (int64_t t = 0; t < d; ++t) acc[t] += c * static_cast<acc_t>(row[t]);
 }
 
+// acc[t] += c[0] r0[t] + c[1] r1[t] + c[2] r2[t] + c[3] r3[t]: four memory streams, one pass over acc.
+template <typename acc_t, typename scalar_t>
+inline void axpy4(acc_t* __restrict acc, const acc_t* c, const scalar_t* __restrict r0, const scalar_t* __restrict r1,
+                  const scalar_t* __restrict r2, const scalar_t* __restrict r3, int64_t d) {
+  const acc_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+#pragma omp simd
+  for (int64_t t = 0; t < d; ++t) {
+    acc[t] += c0 * static_cast<acc_t>(r0[t]) + c1 * static_cast<acc_t>(r1[t]) + c2 * static_cast<acc_t>(r2[t]) +
+              c3 * static_cast<acc_t>(r3[t]);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store(scalar_t* __restrict out, const acc_t* __restrict acc, int64_t d) {
 #pragma omp simd
   for (int64_t t = 0; t < d; ++t) out[t] = static_cast<scalar_t>(acc[t]);
 }
+
+// Software prefetch of one row: random bank rows otherwise stall on memory latency (the hardware
+// prefetcher only follows a row once it has started).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t d) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t size = d * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 3);
+#else
+  (void)row;
+  (void)d;
+#endif
+}
+
+// Negatives are visited in flat order (i, j); prefetch the one this many places ahead.
+constexpr int64_t kPrefetchDistance = 4;
 
 // Views of the inputs shared by the forward and backward kernels.
 template <typename scalar_t>
@@ -83,6 +131,26 @@ struct Inputs {
   const scalar_t* positive(int64_t i) const { return positives + i * p_stride; }
   int64_t negative_row(int64_t i, int64_t j) const { return neg_idx[i * idx_row_stride + j * idx_col_stride]; }
   const scalar_t* negative(int64_t i, int64_t j) const { return bank + negative_row(i, j) * bank_stride; }
+  // Prefetch the negative kPrefetchDistance places after (i, j), if it belongs to a row before end.
+  void prefetch_ahead(int64_t i, int64_t j, int64_t end) const {
+    const int64_t ahead = j + kPrefetchDistance;
+    const int64_t row = i + ahead / k;
+    if (row < end) prefetch_row(negative(row, ahead % k), d);
+  }
+  // dots[j] = <q_i, bank[neg_idx[i, j]]> for j < K (not yet divided by T); rows before end are prefetched.
+  template <typename acc_t>
+  void negative_dots(int64_t i, int64_t end, acc_t* dots) const {
+    const scalar_t* q = query(i);
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+      for (int64_t u = 0; u < 4; ++u) prefetch_ahead(i, j + u, end);
+      dot4(q, negative(i, j), negative(i, j + 1), negative(i, j + 2), negative(i, j + 3), d, dots + j);
+    }
+    for (; j < k; ++j) {
+      prefetch_ahead(i, j, end);
+      dots[j] = dot<acc_t>(q, negative(i, j), d);
+    }
+  }
 };
 
 template <typename scalar_t>
@@ -90,13 +158,14 @@ void forward_kernel(const Inputs<scalar_t>& in, double temperature, scalar_t* lo
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   at::parallel_for(0, in.n, row_grain(in.k, in.d), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dots(static_cast<size_t>(in.k));
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* q = in.query(i);
-      const acc_t s0 = dot<acc_t>(q, in.positive(i), in.d) * inv_t;
+      const acc_t s0 = dot<acc_t>(in.query(i), in.positive(i), in.d) * inv_t;
+      in.negative_dots(i, end, dots.data());
       acc_t run_max = s0;
       acc_t run_sum = 1;  // sum of exp(s - run_max)
       for (int64_t j = 0; j < in.k; ++j) {
-        const acc_t s = dot<acc_t>(q, in.negative(i, j), in.d) * inv_t;
+        const acc_t s = dots[j] * inv_t;
         if (s > run_max) {
           run_sum = run_sum * std::exp(run_max - s) + 1;
           run_max = s;
@@ -129,12 +198,16 @@ void backward_rows_kernel(const Inputs<scalar_t>& in, double temperature, const 
       const acc_t g = grad[i] * inv_t;
       acc_t* c = coef + i * k1;
       c[0] = g * (std::exp(dot<acc_t>(q, p, d) * inv_t - lse[i]) - 1);
-      for (int64_t j = 0; j < in.k; ++j) {
-        c[j + 1] = g * std::exp(dot<acc_t>(q, in.negative(i, j), d) * inv_t - lse[i]);
-      }
+      in.negative_dots(i, end, c + 1);
+      for (int64_t j = 1; j < k1; ++j) c[j] = g * std::exp(c[j] * inv_t - lse[i]);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       axpy(acc.data(), c[0], p, d);
-      for (int64_t j = 0; j < in.k; ++j) axpy(acc.data(), c[j + 1], in.negative(i, j), d);
+      int64_t j = 0;
+      for (; j + 4 <= in.k; j += 4) {
+        axpy4(acc.data(), c + 1 + j, in.negative(i, j), in.negative(i, j + 1), in.negative(i, j + 2),
+              in.negative(i, j + 3), d);
+      }
+      for (; j < in.k; ++j) axpy(acc.data(), c[j + 1], in.negative(i, j), d);
       store(grad_queries + i * d, acc.data(), d);
       if (grad_positives != nullptr) {
         scalar_t* out = grad_positives + i * d;
@@ -180,9 +253,20 @@ void backward_bank_kernel(const Inputs<scalar_t>& in, const at::opmath_type<scal
     std::vector<acc_t> acc(static_cast<size_t>(d));
     for (int64_t r = begin; r < end; ++r) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t e = offsets[r]; e < offsets[r + 1]; ++e) {
-        const int64_t flat = entries[e];
-        axpy(acc.data(), coef[flat], in.query(flat / k1), d);
+      const int64_t seg_end = offsets[r + 1];
+      const int64_t prefetch_end = offsets[end];
+      int64_t e = offsets[r];
+      for (; e + 4 <= seg_end; e += 4) {
+        for (int64_t u = 0; u < 4; ++u) {
+          if (e + u + kPrefetchDistance < prefetch_end) prefetch_row(in.query(entries[e + u + kPrefetchDistance] / k1), d);
+        }
+        const acc_t c[4] = {coef[entries[e]], coef[entries[e + 1]], coef[entries[e + 2]], coef[entries[e + 3]]};
+        axpy4(acc.data(), c, in.query(entries[e] / k1), in.query(entries[e + 1] / k1), in.query(entries[e + 2] / k1),
+              in.query(entries[e + 3] / k1), d);
+      }
+      for (; e < seg_end; ++e) {
+        if (e + kPrefetchDistance < prefetch_end) prefetch_row(in.query(entries[e + kPrefetchDistance] / k1), d);
+        axpy(acc.data(), coef[entries[e]], in.query(entries[e] / k1), d);
       }
       store(grad_bank + r * d, acc.data(), d);
     }
