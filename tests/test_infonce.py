@@ -51,7 +51,8 @@ def assert_all_close(actual, expected, dtype):
     atol, rtol = TOLERANCE[dtype]
     for a, e in zip(actual, expected):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), e, atol=atol * (1 + e.abs().amax().item() if e.numel() else 1), rtol=rtol)
+        scale = 1 + e.abs().amax().item() if e.numel() else 1
+        torch.testing.assert_close(a.double(), e, atol=atol * scale, rtol=rtol)
 
 
 def test_kernels_are_built():
@@ -78,7 +79,9 @@ def test_positives_passed_as_bank(dtype):
     queries, positives, _, _ = make_inputs(n, k, d, n, dtype)
     neg_idx = sample_negatives(n, k, n, generator=torch.Generator().manual_seed(1))
     grad_out = torch.randn(n, dtype=dtype)
-    got = loss_and_grads(infonce, queries, positives, positives, neg_idx, grad_out, same=True, temperature=0.5)
+    got = loss_and_grads(
+        infonce, queries, positives, positives, neg_idx, grad_out, same=True, temperature=0.5
+    )
     expected = reference64(queries, positives, positives, neg_idx, grad_out, same=True, temperature=0.5)
     assert_all_close(got, expected, dtype)
 
@@ -111,13 +114,15 @@ def test_gradcheck_float64():
     neg_idx[0] = 2  # a duplicated bank row within one query
     tensors = [t.requires_grad_() for t in (queries, positives, bank)]
     assert torch.autograd.gradcheck(lambda q, p, b: infonce(q, p, b, neg_idx, temperature=0.6), tensors)
-    assert torch.autograd.gradcheck(lambda q, z: infonce(q, z, z, neg_idx % 6, temperature=0.6), (tensors[0], tensors[1]))
+    assert torch.autograd.gradcheck(
+        lambda q, z: infonce(q, z, z, neg_idx % 6, temperature=0.6), (tensors[0], tensors[1])
+    )
 
 
 def test_gradcheck_float64_non_contiguous():
     queries, positives, bank, neg_idx = make_inputs(5, 3, 4, 7, torch.float64)
     queries_t = queries.T.contiguous().requires_grad_()  # (D, N): queries_t.T has strides (1, N)
-    bank_wide = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)  # bank_wide[:, 2:6] has row stride 9
+    bank_wide = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)  # [:, 2:6] has row stride 9
     neg_idx_t = neg_idx.T.contiguous()
     positives.requires_grad_()
 
@@ -173,7 +178,8 @@ def test_small_shapes_match_reference(shape):
     n, k, d, m = shape
     inputs = make_inputs(n, k, d, m, torch.float64)
     grad_out = torch.randn(n, dtype=torch.float64)
-    assert_all_close(loss_and_grads(infonce, *inputs, grad_out), reference64(*inputs, grad_out), torch.float64)
+    expected = reference64(*inputs, grad_out)
+    assert_all_close(loss_and_grads(infonce, *inputs, grad_out), expected, torch.float64)
 
 
 @pytest.mark.parametrize("m", [0, 3])
@@ -245,16 +251,20 @@ def test_opcheck():
     q, z, _, idx = make_inputs(6, 4, 3, 6, torch.float64, seed=3)
     z.requires_grad_()
     samples.append(((q, z, z, idx, 2.0, True), True))  # positives is bank
-    samples.append(((q[:, :2].T.contiguous().T, z[:, :2], z[:, 1:3], idx[:, :2], 1.0, False), False))  # strided
+    strided = (q[:, :2].T.contiguous().T, z[:, :2], z[:, 1:3], idx[:, :2], 1.0, False)
+    samples.append((strided, False))
     for args, fold in samples:
         torch.library.opcheck(torch.ops.pyanomaly.infonce.default, args)
-        q, p, b, idx, temperature, deterministic = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        q, p, b, idx, temperature, deterministic = (
+            a.detach() if isinstance(a, torch.Tensor) else a for a in args
+        )
         if fold:
             p = b
         loss, lse = torch.ops.pyanomaly.infonce(q, p, b, idx, temperature, deterministic)
         grad = torch.randn_like(loss)
         torch.library.opcheck(
-            torch.ops.pyanomaly.infonce_backward.default, (grad, q, p, b, idx, lse, temperature, fold, deterministic)
+            torch.ops.pyanomaly.infonce_backward.default,
+            (grad, q, p, b, idx, lse, temperature, fold, deterministic),
         )
 
 
@@ -281,7 +291,8 @@ def test_torch_compile_fullgraph():
 def test_reference_fallback_without_kernels(monkeypatch):
     monkeypatch.setattr(infonce_module._ext, "has_kernels", lambda device=None: False)
     queries, positives, bank, neg_idx = make_inputs(5, 3, 4, 6)
-    torch.testing.assert_close(infonce(queries, positives, bank, neg_idx), infonce_ref(queries, positives, bank, neg_idx))
+    expected = infonce_ref(queries, positives, bank, neg_idx)
+    torch.testing.assert_close(infonce(queries, positives, bank, neg_idx), expected)
     with pytest.raises(IndexError, match="neg_idx"):
         infonce(queries, positives, bank, neg_idx + 3)
 
@@ -318,24 +329,26 @@ def test_bad_inputs_raise_naming_the_argument(change, error, match):
         infonce(args.pop("queries"), args.pop("positives"), args.pop("bank"), args.pop("neg_idx"), **args)
 
 
+PYTHON_ONLY = ("queries not a tensor", "temperature tensor", "queries int")  # not expressible to the raw ops
+
+
 @pytest.mark.parametrize(
     "change,error,match",
-    [c[1:] for c in BAD_INPUTS if c[0] not in ("queries not a tensor", "temperature tensor", "queries int")],
-    ids=[c[0] for c in BAD_INPUTS if c[0] not in ("queries not a tensor", "temperature tensor", "queries int")],
+    [c[1:] for c in BAD_INPUTS if c[0] not in PYTHON_ONLY],
+    ids=[c[0] for c in BAD_INPUTS if c[0] not in PYTHON_ONLY],
 )
 def test_bad_inputs_to_the_raw_ops_raise_naming_the_argument(change, error, match):
     """torch.ops.pyanomaly.* are callable directly, so the C++ side checks everything too."""
     args = {**GOOD_INPUTS, **change}
+    names = ("queries", "positives", "bank", "neg_idx", "temperature")
+    q, p, b, idx, temperature = (args[name] for name in names)
     error = IndexError if error is IndexError else RuntimeError
     with pytest.raises(error, match=match):
-        torch.ops.pyanomaly.infonce(args["queries"], args["positives"], args["bank"], args["neg_idx"], args["temperature"])
-    if args["queries"].dim() == 2 and args["bank"].device.type == "cpu":
-        lse = torch.zeros(args["queries"].shape[0])
-        grad = torch.ones(args["queries"].shape[0])
+        torch.ops.pyanomaly.infonce(q, p, b, idx, temperature)
+    if q.dim() == 2 and b.device.type == "cpu":
+        lse, grad = torch.zeros(q.shape[0]), torch.ones(q.shape[0])
         with pytest.raises(error, match=match):
-            torch.ops.pyanomaly.infonce_backward(
-                grad, args["queries"], args["positives"], args["bank"], args["neg_idx"], lse, args["temperature"]
-            )
+            torch.ops.pyanomaly.infonce_backward(grad, q, p, b, idx, lse, temperature)
 
 
 def test_bad_backward_inputs_raise():
@@ -365,7 +378,8 @@ def test_sample_negatives_shape_range_and_exclusion():
         sample_negatives(5, 3, 9, generator=torch.Generator().manual_seed(4)),
     )
     assert sample_negatives(0, 3, 1).shape == (0, 3)
-    assert torch.equal(sample_negatives(3, 4, 2, exclude=torch.tensor([0, 1, 0])), torch.tensor([[1] * 4, [0] * 4, [1] * 4]))
+    only_other = sample_negatives(3, 4, 2, exclude=torch.tensor([0, 1, 0]))
+    assert torch.equal(only_other, torch.tensor([[1] * 4, [0] * 4, [1] * 4]))
 
 
 @pytest.mark.parametrize(
@@ -392,7 +406,8 @@ def test_infonce_module():
     n, k, d, m = 20, 6, 8, 12
     queries, positives, bank, neg_idx = make_inputs(n, k, d, m)
     module = InfoNCE(num_negatives=k, temperature=0.5)
-    torch.testing.assert_close(module(queries, positives, bank, neg_idx), infonce(queries, positives, bank, neg_idx, temperature=0.5))
+    expected = infonce(queries, positives, bank, neg_idx, temperature=0.5)
+    torch.testing.assert_close(module(queries, positives, bank, neg_idx), expected)
     drawn = sample_negatives(n, k, m, generator=torch.Generator().manual_seed(3), device=queries.device)
     sampled = module(queries, positives, bank, generator=torch.Generator().manual_seed(3))
     assert sampled.shape == (n,)
@@ -477,4 +492,5 @@ def test_cuda_edge_cases_and_errors():
     # Non-contiguous views on the GPU.
     qt = q.T.contiguous().T
     bw = torch.cat([b, b], 1)[:, 3:11]
-    torch.testing.assert_close(infonce(qt, p, bw, idx.T.contiguous().T), infonce_ref(qt, p, bw, idx), atol=1e-5, rtol=1e-5)
+    fused = infonce(qt, p, bw, idx.T.contiguous().T)
+    torch.testing.assert_close(fused, infonce_ref(qt, p, bw, idx), atol=1e-5, rtol=1e-5)

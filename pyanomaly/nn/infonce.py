@@ -81,14 +81,21 @@ class InfoNCE(nn.Module):
             if self.exclude_positive:
                 if bank_size != num_queries:
                     raise ValueError(
-                        f"exclude_positive=True needs one bank row per query (the positives), got {num_queries} "
-                        f"queries and {bank_size} bank rows"
+                        "exclude_positive=True needs one bank row per query (the positives), got "
+                        f"{num_queries} queries and {bank_size} bank rows"
                     )
                 exclude = torch.arange(num_queries, device=queries.device)
             neg_idx = sample_negatives(
-                num_queries, self.num_negatives, bank_size, generator=generator, exclude=exclude, device=queries.device
+                num_queries,
+                self.num_negatives,
+                bank_size,
+                generator=generator,
+                exclude=exclude,
+                device=queries.device,
             )
-        return infonce(queries, positives, bank, neg_idx, temperature=self.temperature, deterministic=self.deterministic)
+        return infonce(
+            queries, positives, bank, neg_idx, temperature=self.temperature, deterministic=self.deterministic
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -45,7 +45,11 @@ def infonce_ref(
 
 
 def _check_infonce_args(
-    queries: torch.Tensor, positives: torch.Tensor, bank: torch.Tensor, neg_idx: torch.Tensor, temperature: float
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    bank: torch.Tensor,
+    neg_idx: torch.Tensor,
+    temperature: float,
 ) -> None:
     """Shapes, dtypes, devices and temperature (no data is read: safe under torch.compile)."""
     for name, value in (("queries", queries), ("positives", positives), ("bank", bank), ("neg_idx", neg_idx)):
@@ -59,11 +63,15 @@ def _check_infonce_args(
             f"positives must have the queries' shape (N, D) = ({n}, {d}), got shape {tuple(positives.shape)}"
         )
     if bank.dim() != 2 or bank.shape[1] != d:
-        raise ValueError(f"bank must have shape (M, D) with D = {d} like queries, got shape {tuple(bank.shape)}")
+        raise ValueError(
+            f"bank must have shape (M, D) with D = {d} like queries, got shape {tuple(bank.shape)}"
+        )
     if neg_idx.dim() != 2 or neg_idx.shape[0] != n:
         raise ValueError(f"neg_idx must have shape (N, K) with N = {n}, got shape {tuple(neg_idx.shape)}")
     if neg_idx.shape[1] < 1:
-        raise ValueError(f"neg_idx must have at least one column (K >= 1 negatives), got shape {tuple(neg_idx.shape)}")
+        raise ValueError(
+            f"neg_idx must have at least one column (K >= 1 negatives), got shape {tuple(neg_idx.shape)}"
+        )
     if queries.dtype not in _FLOATING:
         raise TypeError(f"queries must be float16, bfloat16, float32 or float64, got {queries.dtype}")
     for name, value in (("positives", positives), ("bank", bank)):
@@ -124,7 +132,9 @@ def infonce(
         if not torch.compiler.is_compiling():
             _check_index_range("neg_idx", neg_idx, bank.shape[0], "rows of bank")
         return infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
-    loss, _ = torch.ops.pyanomaly.infonce(queries, positives, bank, neg_idx, float(temperature), bool(deterministic))
+    loss, _ = torch.ops.pyanomaly.infonce(
+        queries, positives, bank, neg_idx, float(temperature), bool(deterministic)
+    )
     return loss
 
 
@@ -163,9 +173,13 @@ def sample_negatives(
     if exclude.dtype != torch.int64:
         raise TypeError(f"exclude must be int64, got {exclude.dtype}")
     if exclude.shape != (num_queries,):
-        raise ValueError(f"exclude must have shape (num_queries,) = ({num_queries},), got shape {tuple(exclude.shape)}")
+        raise ValueError(
+            f"exclude must have shape (num_queries,) = ({num_queries},), got shape {tuple(exclude.shape)}"
+        )
     if bank_size < 2:
-        raise ValueError(f"bank_size must be >= 2 when exclude is given (one row is never drawn), got {bank_size}")
+        raise ValueError(
+            f"bank_size must be >= 2 when exclude is given (one row is never drawn), got {bank_size}"
+        )
     if device is None:
         device = exclude.device
     elif torch.device(device) != exclude.device:
@@ -180,18 +194,28 @@ if _ext.has_kernels():
 
     @torch.library.register_fake("pyanomaly::infonce")
     def _infonce_fake(queries, positives, bank, neg_idx, temperature=1.0, deterministic=True):
-        torch._check(queries.dim() == 2 and positives.shape == queries.shape, lambda: "positives must match queries")
-        torch._check(bank.dim() == 2 and bank.shape[1] == queries.shape[1], lambda: "bank must be (M, D)")
-        torch._check(neg_idx.dim() == 2 and neg_idx.shape[0] == queries.shape[0], lambda: "neg_idx must be (N, K)")
-        for name, value in (("positives", positives), ("bank", bank), ("neg_idx", neg_idx)):
-            torch._check(value.device == queries.device, lambda name=name: f"{name} must be on the queries' device")
         n = queries.shape[0]
+        torch._check(positives.shape == queries.shape, lambda: "positives must be (N, D)")
+        torch._check(bank.dim() == 2 and bank.shape[1] == queries.shape[1], lambda: "bank must be (M, D)")
+        torch._check(neg_idx.dim() == 2 and neg_idx.shape[0] == n, lambda: "neg_idx must be (N, K)")
+        for name, value in (("positives", positives), ("bank", bank), ("neg_idx", neg_idx)):
+            torch._check(
+                value.device == queries.device, lambda name=name: f"{name} must be on the queries' device"
+            )
         lse_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
         return queries.new_empty((n,)), queries.new_empty((n,), dtype=lse_dtype)
 
     @torch.library.register_fake("pyanomaly::infonce_backward")
     def _infonce_backward_fake(
-        grad_loss, queries, positives, bank, neg_idx, lse, temperature, fold_positives=False, deterministic=True
+        grad_loss,
+        queries,
+        positives,
+        bank,
+        neg_idx,
+        lse,
+        temperature,
+        fold_positives=False,
+        deterministic=True,
     ):
         n, d = queries.shape
         return (
@@ -212,7 +236,15 @@ if _ext.has_kernels():
     def _infonce_backward(ctx, grad_loss, _grad_lse):
         queries, positives, bank, neg_idx, lse = ctx.saved_tensors
         grad_queries, grad_positives, grad_bank = torch.ops.pyanomaly.infonce_backward(
-            grad_loss, queries, positives, bank, neg_idx, lse, ctx.temperature, ctx.fold_positives, ctx.deterministic
+            grad_loss,
+            queries,
+            positives,
+            bank,
+            neg_idx,
+            lse,
+            ctx.temperature,
+            ctx.fold_positives,
+            ctx.deterministic,
         )
         # Folded: the positives' gradient is already inside grad_bank (the same tensor).
         return grad_queries, None if ctx.fold_positives else grad_positives, grad_bank, None, None, None
