@@ -1,3 +1,5 @@
 """Layers built on the fused ops."""
 
-__all__: list[str] = []
+from pyanomaly.nn.infonce import InfoNCE
+
+__all__ = ["InfoNCE"]
