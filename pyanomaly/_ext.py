@@ -20,6 +20,16 @@ __all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "load_error", "refere
 
 REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
 
+# Every op the Python side calls; an extension missing one of them is stale and is not used.
+EXPECTED_OPS = (
+    "extract_patches",
+    "extract_patches_backward",
+    "fold_patches",
+    "fold_patches_backward",
+    "infonce",
+    "infonce_backward",
+)
+
 _C: Any = None
 _load_error: str | None = None
 _built_with_cuda = False
@@ -50,6 +60,10 @@ def _load() -> None:
         _C = importlib.import_module("pyanomaly._C")
     except ImportError as exc:  # missing .so, or an ABI mismatch the version check missed
         _load_error = f"pyanomaly._C could not be imported ({exc})"
+        return
+    missing = [name for name in EXPECTED_OPS if not hasattr(torch.ops.pyanomaly, name)]
+    if missing:
+        _C, _load_error = None, f"pyanomaly._C is out of date: it lacks the ops {', '.join(missing)}"
         return
     _built_with_cuda = bool(_C.build_info()["with_cuda"])
 

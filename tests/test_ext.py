@@ -54,3 +54,12 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+def test_stale_extension_missing_an_op_is_not_used(monkeypatch):
+    for name in ("_C", "_load_error", "_built_with_cuda"):
+        monkeypatch.setattr(_ext, name, getattr(_ext, name))  # restored after the test
+    monkeypatch.setattr(_ext, "EXPECTED_OPS", (*_ext.EXPECTED_OPS, "no_such_op"))
+    _ext._load()
+    assert "out of date" in _ext.load_error() and "no_such_op" in _ext.load_error()
+    assert not _ext.has_kernels("cpu")
