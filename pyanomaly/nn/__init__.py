@@ -1,3 +1,5 @@
 """Layers built on the fused ops."""
 
-__all__: list[str] = []
+from pyanomaly.nn.hopfield import HopfieldMemory, HopfieldRecall
+
+__all__ = ["HopfieldMemory", "HopfieldRecall"]
