@@ -346,17 +346,18 @@ def test_memory_module_bad_input():
 
 # --- CUDA ------------------------------------------------------------------------------------------
 
-CUDA_TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CUDA_TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~2 ulps of the dtype
+# (N, M, D, beta): partial query blocks and memory tiles, D over one and several 64-wide chunks.
+CUDA_SHAPES = [(200, 700, 13, 2.0), (130, 64, 256, 0.06), (70, 1, 8, 1.0), (40, 50, 300, 0.03), (0, 5, 4, 1.0)]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grad", ["unrolled", "last"])
-@pytest.mark.parametrize("shape", [(300, 700, 13), (130, 64, 256), (70, 1, 8), (40, 50, 300), (0, 5, 4)])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("max_iter,tol", [(1, 1e-4), (6, 1e-3), (3, 0.0)])
 def test_cuda_matches_cpu_and_reference(dtype, grad, shape, max_iter, tol):
-    n, m, d = shape
-    beta = 0.3 if d < 100 else 0.05
+    n, m, d, beta = shape
     queries, memory = make_inputs(n, m, d, seed=n + m + d)
     # Round the inputs to the tested dtype first: every path then sees the same numbers.
     queries, memory = queries.to(dtype).double(), memory.to(dtype).double()
@@ -374,7 +375,7 @@ def test_cuda_matches_cpu_and_reference(dtype, grad, shape, max_iter, tol):
             assert cuda[k] is None
             continue
         assert cuda[k].dtype == dtype
-        scale = float(truth[k].abs().max()) + 1e-30
+        scale = max(float(truth[k].abs().max()), 1.0)  # floor: M = 1 has an exactly-zero query gradient
         # The state is fp32 on every path: only the final rounding to dtype differs.
         assert max_err(cuda[k].cpu(), truth[k]) <= CUDA_TOLERANCE[dtype] * scale + 2 * max_err(cpu[k], truth[k])
 
@@ -386,7 +387,8 @@ def test_cuda_large_problem_and_compile():
     out, iterations = hopfield_retrieve(queries, memory, beta=100.0, max_iter=5, tol=1e-4)
     ref, ref_iterations = hopfield_retrieve_ref(queries, memory, beta=100.0, max_iter=5, tol=1e-4)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # A query on the stopping threshold may take one update more or less (it moves <= tol = 1e-4).
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
     assert float((iterations == ref_iterations).float().mean()) > 0.99
     compiled = torch.compile(lambda q, x: hopfield_retrieve(q, x, beta=100.0, max_iter=5, tol=1e-4), fullgraph=True)
     out_compiled, iterations_compiled = compiled(queries, memory)
