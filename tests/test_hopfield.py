@@ -282,6 +282,13 @@ def test_backward_op_checks_shapes():
         )
 
 
+def test_backward_without_saved_states_raises():
+    queries = torch.randn(4, 3, requires_grad=True)
+    retrieved = torch.ops.pyanomaly.hopfield_retrieve(queries, torch.randn(5, 3), 1.0, 2, 1e-4, "none")[0]
+    with pytest.raises(RuntimeError, match="save='none'"):
+        retrieved.sum().backward()
+
+
 # --- HopfieldMemory --------------------------------------------------------------------------------
 
 
