@@ -114,7 +114,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
         }
         const bool all = static_cast<int64_t>(active_rows.size()) == rows;
         const Tensor index = all ? Tensor() : rows_where(active_rows);
-        const Tensor x = all ? state : state.index_select(0, index);
+        const Tensor x = all ? state : state.index_select(0, index);  // aliases state when all: read first
         auto [updated, step_lse] = update_rows(x, memory, beta);
         const Tensor moved = (updated - x).norm(2, {1}).to(at::kDouble).contiguous();
         const double* moved_ptr = moved.data_ptr<double>();
