@@ -26,6 +26,8 @@ EXPECTED_OPS = (
     "extract_patches_backward",
     "fold_patches",
     "fold_patches_backward",
+    "hopfield_retrieve",
+    "hopfield_retrieve_backward",
     "infonce",
     "infonce_backward",
 )
