@@ -11,27 +11,13 @@
 #include <tuple>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/cuda_glue.h"
 #include "pyanomaly/hopfield_params.h"
 
 namespace pyanomaly {
 namespace {
 
 using at::Tensor;
-
-#define PYA_CHECK_CUDA_OK(expr)                                                                      \
-  do {                                                                                               \
-    const cudaError_t pya_err = (expr);                                                              \
-    TORCH_CHECK(pya_err == cudaSuccess, "hopfield CUDA kernel failed: ", cudaGetErrorString(pya_err)); \
-  } while (0)
-
-ElemType elem_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kHalf: return ElemType::kHalf;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kFloat: return ElemType::kFloat;
-    default: TORCH_CHECK(false, "memory must be float16, bfloat16 or float32 on CUDA, got ", dtype);
-  }
-}
 
 void check_retrieve_args(const Tensor& queries, const Tensor& memory, double beta, int64_t max_iter, double tol) {
   PYA_CHECK_DIM(queries, 2);
@@ -77,7 +63,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cuda(const Tensor& 
 
   HopfieldForwardStepParams params;
   params.memory = memory.data_ptr();
-  params.memory_type = elem_type(memory.scalar_type());
+  params.memory_type = elem_type(memory.scalar_type(), "memory");
   params.iterations = iterations.data_ptr<int32_t>();
   params.frozen = frozen.data_ptr<uint8_t>();
   params.num_queries = num_queries;
@@ -92,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cuda(const Tensor& 
     params.state_in = work[in].data_ptr<float>();
     params.state_out = work[out].data_ptr<float>();
     params.lse = unrolled ? lse[step].data_ptr<float>() : (last ? lse[0].data_ptr<float>() : nullptr);
-    PYA_CHECK_CUDA_OK(launch_hopfield_forward_step(params, stream));
+    check_launch(launch_hopfield_forward_step(params, stream), "pyanomaly::hopfield_retrieve");
   }
   const Tensor final_state = work[unrolled ? max_iter : max_iter % 2];
   if (last) states[1].copy_(final_state);
@@ -114,7 +100,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
   PYA_CHECK_SAME_DEVICE(iterations_in, memory_in);
   const int64_t saved_steps = lse_in.size(0), num_queries = states_in.size(1), dim = memory_in.size(1);
   const int64_t num_patterns = memory_in.size(0);
-  const ElemType memory_type = elem_type(memory_in.scalar_type());
+  const ElemType memory_type = elem_type(memory_in.scalar_type(), "memory");
   TORCH_CHECK(num_patterns >= 1 && dim >= 1, "memory must not be empty, got shape ", memory_in.sizes());
   TORCH_CHECK(saved_steps >= 1 && (unrolled || saved_steps == 1),
               "lse must have shape (S, N) with S >= 1 saved steps (S = 1 when unrolled is false), got ",
@@ -143,7 +129,8 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
   if (num_queries == 0 || (!grad_queries && !grad_memory)) return {grad_queries_out, grad_memory_out};
 
   int sm_count = 0;
-  PYA_CHECK_CUDA_OK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, memory.get_device()));
+  check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, memory.get_device()),
+               "pyanomaly::hopfield_retrieve_backward");
   const int64_t splits = hopfield_grad_memory_splits(num_queries, num_patterns, sm_count);
   Tensor partial = grad_memory ? at::zeros({splits, num_patterns, dim}, fp32) : Tensor();
   Tensor grads = at::empty({2, num_queries, dim}, fp32);  // dL/d(state after), dL/d(state before): take turns
@@ -173,13 +160,14 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
     params.lse = lse[step].data_ptr<float>();
     params.grad_in = grads[current].data_ptr<float>();
     params.grad_out = need_grad_state ? grads[1 - current].data_ptr<float>() : nullptr;
-    PYA_CHECK_CUDA_OK(launch_hopfield_backward_step(params, stream));
+    check_launch(launch_hopfield_backward_step(params, stream), "pyanomaly::hopfield_retrieve_backward");
     if (need_grad_state) current = 1 - current;
   }
   if (grad_queries) grad_queries_out.copy_(grads[current]);
   if (grad_memory) {
-    PYA_CHECK_CUDA_OK(launch_hopfield_reduce_partials(partial.data_ptr<float>(), grad_memory_out.data_ptr(),
-                                                      memory_type, splits, num_patterns * dim, stream));
+    check_launch(launch_hopfield_reduce_partials(partial.data_ptr<float>(), grad_memory_out.data_ptr(), memory_type,
+                                                 splits, num_patterns * dim, stream),
+                 "pyanomaly::hopfield_retrieve_backward");
   }
   return {grad_queries_out, grad_memory_out};
 }

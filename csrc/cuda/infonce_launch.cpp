@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/cuda_glue.h"
 #include "pyanomaly/infonce_params.h"
 
 namespace pyanomaly {
@@ -22,27 +23,8 @@ void infonce_check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor
 
 namespace {
 
-ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return ElemType::kHalf;
-    case at::kBFloat16:
-      return ElemType::kBFloat16;
-    case at::kFloat:
-      return ElemType::kFloat;
-    case at::kDouble:
-      return ElemType::kDouble;
-    default:
-      TORCH_CHECK(false, "queries must be float16, bfloat16, float32 or float64, got ", t);
-  }
-}
-
 at::Tensor unit_inner_stride(const at::Tensor& x) {
   return (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "pyanomaly::", what, " CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor> infonce_cuda(const at::Tensor& queries, const at::Tensor& positives,
@@ -78,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> infonce_cuda(const at::Tensor& queries, const
   params.neg_idx_row_stride = neg_idx.stride(0);
   params.neg_idx_col_stride = neg_idx.stride(1);
   params.inv_temperature = 1.0 / temperature;
-  params.dtype = elem_type(queries.scalar_type());
-  check_launch(launch_infonce_forward(params, c10::cuda::getCurrentCUDAStream()), "infonce");
+  params.dtype = elem_type(queries.scalar_type(), "queries");
+  check_launch(launch_infonce_forward(params, c10::cuda::getCurrentCUDAStream()), "pyanomaly::infonce");
   return {loss, lse};
 }
 
@@ -155,11 +137,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_backward_cuda(
   params.neg_idx_col_stride = neg_idx.stride(1);
   params.inv_temperature = 1.0 / temperature;
   params.fold_positives = fold_positives;
-  params.dtype = elem_type(queries.scalar_type());
+  params.dtype = elem_type(queries.scalar_type(), "queries");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(launch_infonce_backward_rows(params, stream), "infonce_backward");
+  check_launch(launch_infonce_backward_rows(params, stream), "pyanomaly::infonce_backward");
   if (deterministic) {
-    check_launch(launch_infonce_backward_bank(params, stream), "infonce_backward");
+    check_launch(launch_infonce_backward_bank(params, stream), "pyanomaly::infonce_backward");
   } else {
     grad_bank = grad_bank_accum.scalar_type() == queries.scalar_type() ? grad_bank_accum
                                                                        : grad_bank_accum.to(queries.scalar_type());

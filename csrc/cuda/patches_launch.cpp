@@ -7,28 +7,12 @@
 #include <torch/library.h>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/cuda_glue.h"
 #include "pyanomaly/patches_args.h"
 #include "pyanomaly/patches_params.h"
 
 namespace pyanomaly {
 namespace {
-
-ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kByte:
-      return ElemType::kUInt8;
-    case at::kHalf:
-      return ElemType::kHalf;
-    case at::kBFloat16:
-      return ElemType::kBFloat16;
-    case at::kFloat:
-      return ElemType::kFloat;
-    case at::kDouble:
-      return ElemType::kDouble;
-    default:
-      TORCH_CHECK(false, "pyanomaly patch ops: unsupported dtype ", t);
-  }
-}
 
 PatchGeometry to_params(const patches::ExtractGeometry& g) {
   return {g.batch, g.in_channels, g.height, g.width, g.out_channels, g.n1h, g.n1w, g.s1h,      g.s1w,
@@ -57,10 +41,6 @@ const bool* flip_pointer(const std::optional<at::Tensor>& hflip, at::Tensor& hol
   return holder.const_data_ptr<bool>();
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor extract_patches_cuda(const at::Tensor& images, at::IntArrayRef size, at::IntArrayRef stride,
                                 at::IntArrayRef sub_size, at::IntArrayRef sub_stride, bool grayscale,
                                 std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> stdev,
@@ -74,15 +54,15 @@ at::Tensor extract_patches_cuda(const at::Tensor& images, at::IntArrayRef size, 
   ExtractPatchesParams p{};
   p.geo = to_params(g);
   p.images = images.const_data_ptr();
-  p.images_type = elem_type(images.scalar_type());
+  p.images_type = elem_type(images.scalar_type(), "images");
   for (int d = 0; d < 4; ++d) p.images_stride[d] = images.stride(d);
   p.out = out.mutable_data_ptr();
-  p.out_type = elem_type(dtype);
+  p.out_type = elem_type(dtype, "dtype");
   at::Tensor flip;
   p.hflip = flip_pointer(hflip, flip);
   p.n_affine = fill_channel_values(affine.scale, &affine.shift, p.scale);
   std::copy(affine.shift.begin(), affine.shift.begin() + p.n_affine, p.shift);
-  check_launch(launch_extract_patches(p, c10::cuda::getCurrentCUDAStream()), "extract_patches");
+  check_launch(launch_extract_patches(p, c10::cuda::getCurrentCUDAStream()), "pyanomaly::extract_patches");
   return out;
 }
 
@@ -102,15 +82,15 @@ at::Tensor extract_patches_backward_cuda(const at::Tensor& grad, at::IntArrayRef
   ExtractPatchesBackwardParams p{};
   p.geo = to_params(g);
   p.grad = grad.const_data_ptr();
-  p.grad_type = elem_type(grad.scalar_type());
+  p.grad_type = elem_type(grad.scalar_type(), "grad");
   const auto strides = patches::patch_strides(g, grad);
   std::copy(strides.begin(), strides.end(), p.grad_stride);
   p.grad_images = grad_images.mutable_data_ptr();
-  p.images_type = elem_type(images_dtype);
+  p.images_type = elem_type(images_dtype, "images");
   at::Tensor flip;
   p.hflip = flip_pointer(hflip, flip);
   p.n_affine = fill_channel_values(affine.scale, nullptr, p.scale);
-  check_launch(launch_extract_patches_backward(p, c10::cuda::getCurrentCUDAStream()), "extract_patches_backward");
+  check_launch(launch_extract_patches_backward(p, c10::cuda::getCurrentCUDAStream()), "pyanomaly::extract_patches_backward");
   return grad_images;
 }
 
@@ -123,12 +103,12 @@ at::Tensor fold_patches_cuda(const at::Tensor& values, at::IntArrayRef size, at:
   if (out.numel() == 0) return out;
   FoldPatchesParams p{};
   p.shape = fold_shape(f);
-  p.type = elem_type(values.scalar_type());
+  p.type = elem_type(values.scalar_type(), "values");
   p.mean = mean;
   p.values = values.const_data_ptr();
   for (int d = 0; d < 4; ++d) p.values_stride[d] = values.stride(d);
   p.out = out.mutable_data_ptr();
-  check_launch(launch_fold_patches(p, c10::cuda::getCurrentCUDAStream()), "fold_patches");
+  check_launch(launch_fold_patches(p, c10::cuda::getCurrentCUDAStream()), "pyanomaly::fold_patches");
   return out;
 }
 
@@ -141,12 +121,12 @@ at::Tensor fold_patches_backward_cuda(const at::Tensor& grad, at::IntArrayRef si
   if (grad_values.numel() == 0) return grad_values;
   FoldPatchesBackwardParams p{};
   p.shape = fold_shape(f);
-  p.type = elem_type(grad.scalar_type());
+  p.type = elem_type(grad.scalar_type(), "grad");
   p.mean = mean;
   p.grad = grad.const_data_ptr();
   for (int d = 0; d < 4; ++d) p.grad_stride[d] = grad.stride(d);
   p.grad_values = grad_values.mutable_data_ptr();
-  check_launch(launch_fold_patches_backward(p, c10::cuda::getCurrentCUDAStream()), "fold_patches_backward");
+  check_launch(launch_fold_patches_backward(p, c10::cuda::getCurrentCUDAStream()), "pyanomaly::fold_patches_backward");
   return grad_values;
 }
 
