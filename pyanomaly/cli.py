@@ -96,7 +96,7 @@ def _load_detector(run: Path, device: str | None = None):
 
 
 def fit_run(method: str, data: str | Path, category: str, out: str | Path, config: dict[str, Any]):
-    """Train ``method`` on ``<data>/<category>/train/good``; write ``out/model.pt`` and ``out/config.json``."""
+    """Train ``method`` on ``<data>/<category>/train/good``; write out/model.pt and out/config.json."""
     from pyanomaly.data import MVTecDataset
 
     data, out = Path(data), Path(out)
@@ -203,9 +203,10 @@ def evaluate_run(
         masks = np.stack([s.mask.numpy() for s in samples])
     else:
         size = (eval_size or 256,) * 2
-        pix_maps = np.stack(
-            [F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear")[0, 0].numpy() for m in maps]
-        )
+        pix_maps = np.stack([
+            F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear")[0, 0].numpy()
+            for m in maps
+        ])
         masks = resize_masks([s.mask for s in samples], size).numpy()
 
     def block(index) -> dict[str, float | None]:
@@ -270,7 +271,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 # -- subcommands --------------------------------------------------------------------------------
 def add_info_parser(commands) -> None:
-    p = commands.add_parser("info", help="print the torch version, the compiled kernels and the visible devices")
+    p = commands.add_parser(
+        "info", help="print the torch version, the compiled kernels and the visible devices"
+    )
     p.set_defaults(func=cmd_info)
 
 
@@ -283,7 +286,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def add_fit_parser(commands) -> None:
     p = commands.add_parser("fit", help="train a detector on <data>/<category>/train/good")
-    p.add_argument("--method", default="cpcad", help=f"detector: {', '.join(sorted(METHODS))} (default cpcad)")
+    p.add_argument(
+        "--method", default="cpcad", help=f"detector: {', '.join(sorted(METHODS))} (default cpcad)"
+    )
     p.add_argument("--data", required=True, help="MVTec-AD-layout root folder")
     p.add_argument("--category", required=True, help="category folder under --data")
     p.add_argument("--out", required=True, help="run folder to write model.pt and config.json to")
@@ -293,7 +298,9 @@ def add_fit_parser(commands) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any constructor argument (repeatable)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any constructor argument (repeatable)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
 
@@ -320,7 +327,9 @@ def add_evaluate_parser(commands) -> None:
     p.add_argument("run", help="run folder written by `pyanomaly fit`")
     p.add_argument("--data", required=True, help="MVTec-AD-layout root folder")
     p.add_argument("--category", help="default: the category the run was trained on")
-    p.add_argument("--eval-size", type=int, help="pixel-metric size when test images differ in size (default 256)")
+    p.add_argument(
+        "--eval-size", type=int, help="pixel-metric size when test images differ in size (default 256)"
+    )
     p.add_argument("--no-heatmaps", action="store_true")
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
@@ -390,6 +399,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_protocol_parser(commands) -> None:
+    """``pyanomaly protocol one-vs-all|ood DATA``: run an evaluation protocol, write a table."""
+    p = commands.add_parser(
+        "protocol",
+        help="run the one-vs-all or out-of-distribution protocol on class folders and write a table",
+    )
+    p.add_argument("kind", choices=["one-vs-all", "ood"], help="which protocol")
+    p.add_argument("data", help="class-folder dataset <data>/<split>/<class>/* (in-distribution for ood)")
+    p.add_argument("--out-data", help="ood: the out-of-distribution class-folder dataset")
+    p.add_argument("--out", required=True, help="table path: writes <out>.md and <out>.json")
+    p.add_argument(
+        "--method", default="anomem", help=f"detector: {', '.join(sorted(METHODS))} (default anomem)"
+    )
+    p.add_argument("--classes", nargs="+", help="one-vs-all: normal classes to run (default all)")
+    p.add_argument("--gammas", type=float, nargs="+", default=[0.0], help="one-vs-all: anomaly ratios")
+    p.add_argument("--train-per-class", type=int, help="one-vs-all: training images per class (default all)")
+    p.add_argument("--test-per-class", type=int, help="one-vs-all: test images per class (default all)")
+    p.add_argument("--train-limit", type=int, help="ood: training images (default all)")
+    p.add_argument("--test-limit", type=int, help="ood: test images per dataset (default all)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--grayscale", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="subsampling and anomaly draws")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="detector argument (repeatable)")
+
+    def run(args: argparse.Namespace) -> int:
+        from pyanomaly.protocols import one_vs_all, out_of_distribution, write_table
+
+        cls, config = get_method(args.method), parse_set(args.set)
+        common = dict(
+            detector=lambda: cls(**config), image_size=args.image_size, grayscale=args.grayscale,
+            seed=args.seed, verbose=True,
+        )
+        if args.kind == "one-vs-all":
+            result = one_vs_all(
+                args.data, classes=args.classes, gammas=args.gammas, train_per_class=args.train_per_class,
+                test_per_class=args.test_per_class, **common,
+            )
+        else:
+            if not args.out_data:
+                raise CLIError("protocol ood needs --out-data (the out-of-distribution dataset)")
+            result = out_of_distribution(
+                args.data, args.out_data, train_limit=args.train_limit, test_limit=args.test_limit, **common
+            )
+        result["method"], result["config"] = args.method, config
+        md, js = write_table(result, args.out)
+        print(md.read_text(), end="")
+        print(f"table: {md}\njson: {js}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyanomaly", description="Image anomaly detection (CPC-AD, AnoMem).",
@@ -398,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (add_info_parser, add_fit_parser, add_evaluate_parser, add_predict_parser, add_demo_parser):
         add(commands)
+    add_protocol_parser(commands)
     return parser
 
 

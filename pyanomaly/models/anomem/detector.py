@@ -33,6 +33,12 @@ class AnoMem(Detector):
     """Anomaly detection via multi-scale contrasted memory, one-class or semi-supervised.
 
     The paper's text lost most of its numbers; every default below says where it comes from.
+    Choices the paper leaves open, made here: positive pairs at the lower scales are the same
+    image patch seen by both views (points drawn where the two random crops overlap, feature
+    vectors read bilinearly there); memory queries and stored patterns are LayerNorm-ed as in
+    hopfield-layers, and the deviation D = LN(f) - M(LN(f)) is taken in that normalised space;
+    the semi-supervised classifiers train on frozen stage-1 features without augmentation, with
+    the normal and anomalous halves of the double-hinge loss averaged separately.
 
     Args:
         backbone: "resnet50" (the paper) or "resnet18" (a lighter option for small images).
@@ -151,11 +157,15 @@ class AnoMem(Detector):
         self.variance_weight = float(variance_weight)
         if self.variance_weight < 0:
             raise ValueError(f"variance_weight must be >= 0, got {variance_weight}")
-        self.projection_dim = None if projection_dim is None else _positive_int(projection_dim, "projection_dim")
+        self.projection_dim = (
+            None if projection_dim is None else _positive_int(projection_dim, "projection_dim")
+        )
         self.epochs = _positive_int(epochs, "epochs")
         self.batch_size = _positive_int(batch_size, "batch_size")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (contrastive learning needs negatives), got {batch_size}")
+            raise ValueError(
+                f"batch_size must be >= 2 (contrastive learning needs negatives), got {batch_size}"
+            )
         self.lr = _positive_float(lr, "lr")
         self.momentum = float(momentum)
         if not 0 < self.momentum < 1:
@@ -185,7 +195,9 @@ class AnoMem(Detector):
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+            raise ValueError(
+                f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}"
+            ) from exc
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is {device!r} but CUDA is not available")
         self.amp = bool(amp)
@@ -249,7 +261,9 @@ class AnoMem(Detector):
 
         Args:
             normal: normal training images: uint8 or float in [0, 1], a tensor or array
-                (N, C, H, W) or a sequence of (C, H, W) tensors (resized to ``image_size``).
+                (N, C, H, W), a sequence of (C, H, W) tensors, or a map-style dataset whose items
+                are images, (image, label) pairs or have ``.image`` (e.g. ``MVTecDataset``);
+                resized to ``image_size`` (default: the first image's size).
             anomalies: optional labelled anomalous images in the same formats; given, stage 2
                 trains the per-scale classifiers, otherwise the detector is one-class.
 
@@ -383,9 +397,15 @@ class AnoMem(Detector):
         steps_per_epoch = max(1, math.ceil(n / batch_size))
         params = list(model.classifiers.parameters())
         optimizer = torch.optim.SGD(
-            params, lr=self.classifier_lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
+            params,
+            lr=self.classifier_lr,
+            momentum=self.momentum,
+            nesterov=True,
+            weight_decay=self.weight_decay,
         )
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * self.classifier_epochs)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=steps_per_epoch * self.classifier_epochs
+        )
         cpu_gen = torch.Generator().manual_seed(self.seed + 2)
         model.classifiers.train()
         heads = [clf.mlp for clf in model.classifiers]  # the pooling is already applied
@@ -446,12 +466,53 @@ class AnoMem(Detector):
         self._check_model()
         return self._scale_scores(self._images(images, "images", fitted=True)).double().numpy()
 
+    @torch.no_grad()
+    def score(self, images) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Anomaly scores and anomaly maps.
+
+        The map is the paper's suggested extension (Sec. 5): each scale's per-position deviation
+        norm ||D_s(p)||, upsampled (bilinear) to the image and summed with the scale weights. It is
+        the one-class deviation map also for a semi-supervised detector (its classifiers pool the
+        maps away); the scores are :meth:`decision_function`'s.
+
+        Args:
+            images: as :meth:`decision_function`.
+
+        Returns:
+            (scores (N,) float64, maps: N float32 arrays (H_i, W_i) at each input image's own size).
+        """
+        self._check_model()
+        sizes = _sizes(images)
+        x = self._images(images, "images", fitted=True)
+        scores = self._score(x)
+        model = self.model_
+        model.eval()
+        maps = []
+        for start in range(0, x.shape[0], self.eval_batch_size):
+            batch = x[start : start + self.eval_batch_size].to(self.device)
+            with self._autocast():
+                deviations = model.deviations(batch)
+            total = torch.zeros(batch.shape[0], 1, *batch.shape[-2:], device=self.device)
+            for weight, d in zip(self.weights_, deviations):
+                norm = d.float().norm(dim=1, keepdim=True)
+                up = F.interpolate(norm, size=batch.shape[-2:], mode="bilinear", align_corners=False)
+                total += weight * up
+            maps.extend(total[:, 0].cpu())
+        out = []
+        for i, amap in enumerate(maps):
+            target = sizes[i] if sizes is not None else tuple(amap.shape)
+            if tuple(amap.shape) != tuple(target):
+                amap = F.interpolate(amap[None, None], size=target, mode="bilinear", align_corners=False)
+                amap = amap[0, 0]
+            out.append(amap.numpy().astype(np.float32))
+        return scores, out
+
     def decision_function(self, images) -> np.ndarray:
         """Anomaly scores (N,), higher = more anomalous (Eq. 13: the scale-weighted sum).
 
         Args:
-            images: uint8 or float in [0, 1]; a tensor or array (N, C, H, W) or a sequence of
-                (C, H, W) tensors; resized to the training size when it differs.
+            images: uint8 or float in [0, 1]; a tensor or array (N, C, H, W), a sequence of
+                (C, H, W) tensors or a dataset (as in :meth:`fit`); resized to the training size.
         """
         self._check_model()
         return self._score(self._images(images, "images", fitted=True))
@@ -543,7 +604,9 @@ def _int_tuple(value, name: str, *, length: int | None = None) -> tuple[int, ...
     if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in value):
         raise ValueError(f"{name} must hold ints, got {value!r}")
     if length is not None and len(value) != length:
-        raise ValueError(f"{name} must have {length} entries (one per scale), got {len(value)}: {tuple(value)}")
+        raise ValueError(
+            f"{name} must have {length} entries (one per scale), got {len(value)}: {tuple(value)}"
+        )
     return tuple(int(v) for v in value)
 
 
@@ -553,12 +616,40 @@ def _float_tuple(value, name: str, *, length: int) -> tuple[float, ...]:
     if any(isinstance(v, bool) or not isinstance(v, (int, float, np.number)) for v in value):
         raise ValueError(f"{name} must hold numbers, got {value!r}")
     if len(value) != length:
-        raise ValueError(f"{name} must have {length} entries (one per scale), got {len(value)}: {tuple(value)}")
+        raise ValueError(
+            f"{name} must have {length} entries (one per scale), got {len(value)}: {tuple(value)}"
+        )
     return tuple(float(v) for v in value)
 
 
+def _dataset_items(data, name: str) -> list:
+    """A map-style dataset -> its images (items may be tensors, (image, label) pairs or have .image)."""
+    items = []
+    for i in range(len(data)):
+        item = data[i]
+        if hasattr(item, "image"):
+            item = item.image
+        elif isinstance(item, (tuple, list)) and item:
+            item = item[0]
+        items.append(item)
+    if not items:
+        raise ValueError(f"{name} is an empty dataset")
+    return items
+
+
+def _sizes(data) -> list[tuple[int, int]] | None:
+    """Each input image's own (H, W), when ``data`` is a sequence or dataset of images."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor):
+        data = _dataset_items(data, "images")
+    if isinstance(data, (list, tuple)):
+        return [tuple(int(v) for v in np.shape(d)[-2:]) for d in data]
+    return None
+
+
 def _as_float_images(data, name: str, size: tuple[int, int] | None) -> torch.Tensor:
-    """uint8 / float [0, 1] images as a tensor, array or sequence -> float32 (N, C, H, W) on CPU."""
+    """uint8 / float [0, 1] images as a tensor, array, sequence or dataset -> float32 (N, C, H, W) on CPU."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor):
+        data = _dataset_items(data, name)
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(np.ascontiguousarray(data))
     if isinstance(data, (list, tuple)):
@@ -575,7 +666,9 @@ def _as_float_images(data, name: str, size: tuple[int, int] | None) -> torch.Ten
         else:
             shapes = {tuple(item.shape) for item in items}
             if len(shapes) != 1:
-                raise ValueError(f"{name}: float images of different shapes {sorted(shapes)}; pass uint8 to resize")
+                raise ValueError(
+                    f"{name}: float images of different shapes {sorted(shapes)}; pass uint8 to resize"
+                )
             data = torch.stack(items)
     if not isinstance(data, torch.Tensor):
         raise ValueError(
@@ -587,7 +680,9 @@ def _as_float_images(data, name: str, size: tuple[int, int] | None) -> torch.Ten
     if data.shape[0] == 0:
         raise ValueError(f"{name} is empty (0 images)")
     if data.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels on axis 1 (N, C, H, W), got shape {tuple(data.shape)}")
+        raise ValueError(
+            f"{name} must have 1 or 3 channels on axis 1 (N, C, H, W), got shape {tuple(data.shape)}"
+        )
     if min(data.shape[-2:]) < 8:
         raise ValueError(f"{name} images must be at least 8 px a side, got {tuple(data.shape[-2:])}")
     if data.dtype == torch.uint8:
@@ -598,7 +693,9 @@ def _as_float_images(data, name: str, size: tuple[int, int] | None) -> torch.Ten
             raise ValueError(f"{name} contains NaN or infinite values")
         low, high = float(images.min()), float(images.max())
         if low < 0 or high > 1:
-            raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]")
+            raise ValueError(
+                f"{name}: float images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]"
+            )
     else:
         raise ValueError(f"{name} must be uint8 or floating point, got {data.dtype}")
     images = images.cpu()

@@ -1,3 +1,6 @@
-from pyanomaly.models.cpcad.detector import CPCAD
+"""CPC-AD: Contrastive Predictive Coding for anomaly detection and segmentation."""
 
-__all__ = ["CPCAD"]
+from pyanomaly.models.cpcad.detector import CPCAD, LAYOUTS, as_image_list
+from pyanomaly.models.cpcad.torch_model import DIRECTIONS, CPCADModel
+
+__all__ = ["CPCAD", "CPCADModel", "DIRECTIONS", "LAYOUTS", "as_image_list"]

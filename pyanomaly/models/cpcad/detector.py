@@ -40,12 +40,14 @@ def as_image_list(data: Any, name: str, *, min_size: int = 1) -> list[torch.Tens
     """
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
-            raise ValueError(f"{name} must be a uint8 tensor of shape (N, C, H, W), got shape {tuple(data.shape)}")
+            raise ValueError(
+                f"{name} must be a uint8 tensor of shape (N, C, H, W), got shape {tuple(data.shape)}"
+            )
         items: Sequence[Any] = list(data.unbind(0))
     elif isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise TypeError(
-            f"{name} must be a dataset, a sequence of uint8 (C, H, W) tensors or a uint8 (N, C, H, W) tensor, "
-            f"got {type(data).__name__}"
+            f"{name} must be a dataset, a sequence of uint8 (C, H, W) tensors or a uint8 "
+            f"(N, C, H, W) tensor, got {type(data).__name__}"
         )
     else:
         items = [data[i] for i in range(len(data))]
@@ -174,7 +176,8 @@ class CPCAD(Detector):
             ("num_negatives", num_negatives), ("epochs", epochs), ("batch_size", batch_size),
             ("test_draws", test_draws), ("bank_size", bank_size), ("score_batch_size", score_batch_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
+            minimum = 0 if name == "epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if patch_size > image_size:
             raise ValueError(f"patch_size ({patch_size}) must not exceed image_size ({image_size})")
@@ -182,13 +185,13 @@ class CPCAD(Detector):
             raise ValueError(f"sub_size ({sub_size}) must not exceed patch_size ({patch_size})")
         if (image_size - patch_size) % patch_stride:
             raise ValueError(
-                f"patch_stride ({patch_stride}) must divide image_size - patch_size ({image_size - patch_size}) "
-                "so that the patches cover the image"
+                f"patch_stride ({patch_stride}) must divide image_size - patch_size "
+                f"({image_size - patch_size}) so that the patches cover the image"
             )
         if patch_stride % sub_stride or (patch_size - sub_size) % sub_stride:
             raise ValueError(
-                f"sub_stride ({sub_stride}) must divide patch_stride ({patch_stride}) and patch_size - sub_size "
-                f"({patch_size - sub_size}) so that all sub-patches lie on one grid"
+                f"sub_stride ({sub_stride}) must divide patch_stride ({patch_stride}) and "
+                f"patch_size - sub_size ({patch_size - sub_size}) so that all sub-patches lie on one grid"
             )
         self.window = (patch_size - sub_size) // sub_stride + 1
         if self.window < 3:
@@ -207,7 +210,9 @@ class CPCAD(Detector):
         if isinstance(top_k, bool) or not (
             (isinstance(top_k, int) and top_k >= 1) or (isinstance(top_k, float) and 0.0 < top_k <= 1.0)
         ):
-            raise ValueError(f"top_k must be an int >= 1 (a count) or a float in (0, 1] (a fraction), got {top_k!r}")
+            raise ValueError(
+                f"top_k must be an int >= 1 (a count) or a float in (0, 1] (a fraction), got {top_k!r}"
+            )
         if direction_reduce not in ("mean",):
             raise ValueError(f"direction_reduce must be 'mean', got {direction_reduce!r}")
         if std <= 0:
@@ -236,15 +241,16 @@ class CPCAD(Detector):
     def _get_config(self) -> dict:
         return {
             "image_size": self.image_size, "patch_size": self.patch_size, "patch_stride": self.patch_stride,
-            "sub_size": self.sub_size, "sub_stride": self.sub_stride, "layout": self.layout, "stem": self.stem,
+            "sub_size": self.sub_size, "sub_stride": self.sub_stride, "layout": self.layout,
+            "stem": self.stem,
             "widths": list(self.widths), "blocks": list(self.blocks), "shared_encoder": self.shared_encoder,
             "directions": list(self.directions), "prediction_steps": self.prediction_steps,
             "num_negatives": self.num_negatives, "epochs": self.epochs, "batch_size": self.batch_size,
             "lr": self.lr, "crop_fraction": self.crop_fraction, "hflip": self.hflip, "mean": self.mean,
             "std": self.std, "top_k": self.top_k, "test_draws": self.test_draws, "bank_size": self.bank_size,
             "direction_reduce": self.direction_reduce, "score_batch_size": self.score_batch_size,
-            "contamination": self.contamination, "seed": self.seed, "device": str(self.device), "amp": self.amp,
-            "verbose": self.verbose,
+            "contamination": self.contamination, "seed": self.seed, "device": str(self.device),
+            "amp": self.amp, "verbose": self.verbose,
         }
 
     def _get_state(self) -> dict:
@@ -313,7 +319,8 @@ class CPCAD(Detector):
         gen = torch.Generator().manual_seed(
             self.seed if self.seed is not None else int(torch.randint(2**62, (1,)))
         )
-        neg_gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        neg_seed = int(torch.randint(2**62, (1,), generator=gen))
+        neg_gen = torch.Generator(device=self.device).manual_seed(neg_seed)
         self.model_ = self._build_model()
         self.model_.train()
         optimizer = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
@@ -355,7 +362,9 @@ class CPCAD(Detector):
         left = int(torch.randint(w - cw + 1, (1,), generator=gen))
         return image[:, top : top + ch, left : left + cw]
 
-    def _progress(self, epoch: int, step: int, steps: int, loss: float, start: float, end: bool = False) -> None:
+    def _progress(
+        self, epoch: int, step: int, steps: int, loss: float, start: float, end: bool = False
+    ) -> None:
         if not self.verbose:
             return
         tty = sys.stderr.isatty()
@@ -411,7 +420,8 @@ class CPCAD(Detector):
             b = batch.shape[0]
             windows = self._windows(batch, None)
             loss_sum, count, _ = self.model_(
-                windows, banks=self.banks_, num_negatives=self.num_negatives, draws=self.test_draws, generator=gen
+                windows, banks=self.banks_, num_negatives=self.num_negatives, draws=self.test_draws,
+                generator=gen,
             )
             sums = windows_to_grid(loss_sum.reshape(b, nh, nh, m, m), m, r, (g, g))
             counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))

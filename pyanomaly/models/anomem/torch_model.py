@@ -1,0 +1,312 @@
+"""AnoMem's networks as plain ``nn.Module`` s: memory layers, the multi-scale model, the losses.
+
+The training loops, data handling and persistence live in :mod:`pyanomaly.models.anomem.detector`.
+Equation numbers refer to the AnoMem paper (Jezequel et al., "Anomaly Detection via Multi-Scale
+Contrasted Memory").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyanomaly.ops
+from pyanomaly.models.anomem.augment import CropParams, matching_points
+from pyanomaly.nn.resnet import ResNet, resnet18, resnet50
+
+__all__ = [
+    "AnoMemModel",
+    "MemoryLayer",
+    "double_hinge_loss",
+    "nt_xent",
+    "variance_loss",
+]
+
+
+class MemoryLayer(nn.Module):
+    """A modern-Hopfield memory with learned stored patterns (hopfield-layers' ``HopfieldLayer``).
+
+    The ``size`` stored patterns are an ``nn.Parameter`` initialised N(0, 0.02) and LayerNorm-ed
+    before use, and queries are LayerNorm-ed too, as in hopfield-layers (``normalize_stored_pattern``
+    and ``normalize_state_pattern`` default on); no projections. Retrieval is
+    :func:`pyanomaly.ops.hopfield_retrieve` (looked up at call time, so the fused kernel is used
+    when built): xi <- softmax(beta xi X^T) X, repeated up to ``max_iter`` times (Eq. 1).
+
+    Args:
+        dim: pattern dimension D (the channels of the encoder scale).
+        size: number of stored patterns M.
+        beta: inverse temperature; None = 1 / sqrt(D), hopfield-layers' default.
+        max_iter: retrieval steps at most (hopfield-layers' ``update_steps_max`` + 1).
+        tol: a query stops once its step moves it by at most ``tol`` (hopfield-layers'
+            ``update_steps_eps``, 1e-4).
+        grad: "unrolled" (gradients through every step, as hopfield-layers) or "last".
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        size: int,
+        *,
+        beta: float | None = None,
+        max_iter: int = 3,
+        tol: float = 1e-4,
+        grad: str = "unrolled",
+    ) -> None:
+        super().__init__()
+        self.dim, self.size = int(dim), int(size)
+        self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(dim)
+        self.max_iter, self.tol, self.grad = int(max_iter), float(tol), grad
+        self.patterns = nn.Parameter(torch.empty(self.size, self.dim).normal_(0.0, 0.02))
+        self.state_norm = nn.LayerNorm(self.dim)
+        self.pattern_norm = nn.LayerNorm(self.dim)
+        self.last_iterations: torch.Tensor | None = None
+
+    def normalize(self, queries: torch.Tensor) -> torch.Tensor:
+        """Raw feature vectors (N, D) -> the state patterns the memory compares (N, D)."""
+        return self.state_norm(queries)
+
+    def retrieve(self, states: torch.Tensor) -> torch.Tensor:
+        """Normalised queries (N, D) -> their recollection from memory (N, D)."""
+        memory = self.pattern_norm(self.patterns)
+        retrieved, iterations = pyanomaly.ops.hopfield_retrieve(
+            states, memory, beta=self.beta, max_iter=self.max_iter, tol=self.tol, grad=self.grad
+        )
+        self.last_iterations = iterations.detach()
+        return retrieved
+
+    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw feature vectors (N, D) -> (normalised queries (N, D), recollections (N, D))."""
+        states = self.normalize(queries)
+        return states, self.retrieve(states)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, size={self.size}, beta={self.beta:.4g}, max_iter={self.max_iter}"
+
+
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over a two-view batch (Eq. 4-5): row i of ``first`` and ``second`` pair up.
+
+    Args:
+        first, second: (N, P) representations of the two branches.
+        temperature: tau.
+
+    Returns:
+        Scalar loss, the mean over the 2N anchors.
+    """
+    n = first.shape[0]
+    z = F.normalize(torch.cat([first, second]).float(), dim=-1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+def variance_loss(retrieved: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """Hinge on the per-dimension std of the retrieved prototypes (Eq. 6, VICReg's variance term).
+
+    ``mean_d max(0, target_std - sqrt(Var_batch(retrieved[:, d]) + eps))``; zero for fewer than 2 rows.
+    """
+    if retrieved.shape[0] < 2:
+        return retrieved.new_zeros(()).float()
+    std = torch.sqrt(retrieved.float().var(dim=0) + eps)
+    return F.relu(target_std - std).mean()
+
+
+def double_hinge_loss(distance: torch.Tensor, is_anomaly: torch.Tensor, margin: float) -> torch.Tensor:
+    """Double-hinge distance loss (Eq. 11), per sample.
+
+    Normal samples are pushed inside the ball of radius ``1 - margin``, anomalies outside radius
+    ``1 + margin``; nothing pushes anomalies further once they are past the margin.
+
+    Args:
+        distance: (N,) anomaly distances.
+        is_anomaly: (N,) bool.
+        margin: half-width of the band around the unit sphere.
+    """
+    inside = F.relu(distance - (1.0 - margin))
+    outside = F.relu((1.0 + margin) - distance)
+    return torch.where(is_anomaly, outside, inside)
+
+
+class _ScaleClassifier(nn.Module):
+    """Average pooling to ``pool`` x ``pool`` then a two-layer MLP with one output (Eq. 10)."""
+
+    def __init__(self, channels: int, pool: int, hidden: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * pool * pool, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, deviation: torch.Tensor) -> torch.Tensor:
+        """Deviation map (B, C, H, W) -> anomaly distance (B,)."""
+        return self.mlp(self.pool(deviation)).squeeze(1)
+
+
+class AnoMemModel(nn.Module):
+    """Encoder, per-scale memory layers, projection heads and anomaly-distance classifiers.
+
+    Args:
+        backbone: "resnet50" or "resnet18".
+        in_channels: image channels.
+        width: the encoder's base width (64 = the standard network).
+        small_input: CIFAR stem (3x3 stride 1, no max pool) instead of the ImageNet stem.
+        scales: encoder stages (1-4) that get a memory layer.
+        memory_sizes: stored patterns per scale.
+        beta, hopfield_iters, hopfield_tol: see :class:`MemoryLayer`.
+        projection_dim: output of each scale's SimCLR projection head (Linear-ReLU-Linear); None
+            = no head: the (normalised) features and recollections are contrasted directly.
+        classifier_pool, classifier_hidden: the semi-supervised scale classifiers.
+        mean, std: per-channel input normalisation (applied inside :meth:`features`).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        in_channels: int,
+        width: int,
+        small_input: bool,
+        scales: Sequence[int],
+        memory_sizes: Sequence[int],
+        beta: float | None,
+        hopfield_iters: int,
+        hopfield_tol: float,
+        projection_dim: int | None,
+        classifier_pool: int,
+        classifier_hidden: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"resnet18": resnet18, "resnet50": resnet50}[backbone]
+        self.encoder: ResNet = factory(in_channels=in_channels, width=width, small_input=small_input)
+        self.scales = tuple(int(s) for s in scales)
+        self.num_stages = max(self.scales)
+        dims = [self.encoder.stage_channels[s - 1] for s in self.scales]
+        self.memories = nn.ModuleList(
+            MemoryLayer(d, m, beta=beta, max_iter=hopfield_iters, tol=hopfield_tol)
+            for d, m in zip(dims, memory_sizes)
+        )
+        self.projectors = nn.ModuleList(
+            nn.Identity()
+            if projection_dim is None
+            else nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, projection_dim))
+            for d in dims
+        )
+        self.classifiers = nn.ModuleList(
+            _ScaleClassifier(d, classifier_pool, classifier_hidden) for d in dims
+        )
+        mean = torch.tensor(mean if mean is not None else [0.5] * in_channels, dtype=torch.float32)
+        std = torch.tensor(std if std is not None else [0.25] * in_channels, dtype=torch.float32)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+
+    # -- features and deviations --------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [0, 1] -> the feature map of each memory scale (B, C_s, H_s, W_s)."""
+        stages = self.encoder((images - self.mean) / self.std, num_stages=self.num_stages)
+        return [stages[s - 1] for s in self.scales]
+
+    def deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per scale, the map of (features - memory recollection) (Eq. 8), each (B, C_s, H_s, W_s).
+
+        Every spatial position's feature vector is normalised and recalled from the scale's memory.
+        """
+        out = []
+        for memory, fmap in zip(self.memories, self.features(images)):
+            b, c, h, w = fmap.shape
+            vectors = fmap.permute(0, 2, 3, 1).reshape(-1, c)
+            states, retrieved = memory(vectors)
+            diff = (states.float() - retrieved.float()).view(b, h, w, c).permute(0, 3, 1, 2)
+            out.append(diff)
+        return out
+
+    def one_class_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-scale one-class scores ||D_s|| (Eq. 9): (B, S)."""
+        return torch.stack([d.flatten(1).norm(dim=1) for d in self.deviations(images)], dim=1)
+
+    def classifier_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-scale anomaly distances of the semi-supervised classifiers (Eq. 10): (B, S)."""
+        return torch.stack(
+            [clf(d).float() for clf, d in zip(self.classifiers, self.deviations(images))], dim=1
+        )
+
+    # -- stage 1 ------------------------------------------------------------------------------
+    def contrastive_loss(
+        self,
+        first: torch.Tensor,
+        first_crop: CropParams,
+        second: torch.Tensor,
+        second_crop: CropParams,
+        is_normal: torch.Tensor,
+        *,
+        sampling_ratios: Sequence[float],
+        scale_weights: Sequence[float],
+        temperature: float,
+        variance_weight: float,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Multi-scale contrasted memory loss (Eq. 7) on a two-view batch.
+
+        At each scale s, ``ceil(ratio_s * H_s * W_s)`` points per image are drawn where the two
+        crops overlap (the same image patch in both views: the positive pair); the feature vectors
+        there are read from both views' maps (bilinear). Branch 1 vectors of normal images are
+        replaced by their memory recollection (Eq. 3); both branches go through the scale's
+        projection head and NT-Xent contrasts every sampled vector of the batch (Eq. 4-5). The
+        variance loss (Eq. 6) acts on the recollections.
+
+        Args:
+            first, second: the two views (B, C, H, W) in [0, 1].
+            first_crop, second_crop: where each view was cropped (:func:`augment.simclr_view`).
+            is_normal: (B,) bool; memory is applied to normal images only.
+
+        Returns:
+            (total loss, {"contrastive": ..., "variance": ...} weighted sums as floats).
+        """
+        batch = first.shape[0]
+        maps = self.features(torch.cat([first, second]))
+        total = first.new_zeros((), dtype=torch.float32)
+        contrastive_sum, variance_sum = 0.0, 0.0
+        for s, fmap in enumerate(maps):
+            h, w = fmap.shape[-2:]
+            count = max(1, math.ceil(sampling_ratios[s] * h * w))
+            p1, p2 = matching_points(first_crop, second_crop, count, generator)
+            v1 = _sample(fmap[:batch], p1)  # (B * count, C)
+            v2 = _sample(fmap[batch:], p2)
+            memory = self.memories[s]
+            q1 = memory.normalize(v1)
+            q2 = memory.normalize(v2)
+            normal_rows = is_normal.repeat_interleave(count)
+            if bool(normal_rows.any()):
+                recalled = memory.retrieve(q1[normal_rows])
+                q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
+                var = variance_loss(recalled)
+            else:
+                var = total.new_zeros(())
+            projector = self.projectors[s]
+            contrast = nt_xent(projector(q1), projector(q2), temperature)
+            total = total + scale_weights[s] * (contrast + variance_weight * var)
+            contrastive_sum += scale_weights[s] * float(contrast.detach())
+            variance_sum += scale_weights[s] * float(var.detach())
+        return total, {"contrastive": contrastive_sum, "variance": variance_sum}
+
+
+def _sample(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear read of (B, C, H, W) at (B, K, 2) points in [-1, 1] -> (B * K, C)."""
+    b, c = fmap.shape[:2]
+    values = F.grid_sample(
+        fmap,
+        points[:, :, None, :].to(fmap.dtype),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    return values.squeeze(-1).permute(0, 2, 1).reshape(-1, c)

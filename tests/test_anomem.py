@@ -1,0 +1,419 @@
+"""Tests for AnoMem: ResNet encoders, augmentations, memory layers, the detector and the protocols."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyanomaly.ops
+from pyanomaly import AnoMem
+from pyanomaly.metrics import image_auroc
+from pyanomaly.models.anomem.augment import AugmentConfig, matching_points, simclr_view
+from pyanomaly.models.anomem.torch_model import AnoMemModel, MemoryLayer, double_hinge_loss, nt_xent
+from pyanomaly.models.base import Detector
+from pyanomaly.nn.resnet import resnet18, resnet50
+from pyanomaly.protocols import one_vs_all, out_of_distribution, write_table
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR = SHARED_DATA / "cifar10-jpg.tar.gz"
+
+# A tiny configuration: fits 96 images of 32x32 in a few seconds on one CPU thread.
+TINY = dict(
+    backbone="resnet18",
+    width=8,
+    memory_sizes=(32, 16),
+    beta=0.05,
+    epochs=3,
+    batch_size=32,
+    lr=0.05,
+    classifier_epochs=30,
+    classifier_hidden=32,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(n: int, anomalous: bool, seed: int, size: int = 32) -> torch.Tensor:
+    """Normal: smooth coloured blobs. Anomalous: the same with fine stripes over the whole image."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    img = torch.zeros(n, 3, size, size)
+    for _ in range(3):
+        cy, cx = torch.rand(2, n, 1, 1, generator=g) * size
+        radius = 3 + 5 * torch.rand(n, 1, 1, generator=g)
+        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        img = img + blob[:, None] * torch.rand(n, 3, 1, 1, generator=g)
+    img = 0.1 + 0.8 * img.clamp(0, 1)
+    if anomalous:
+        period = 2 + torch.randint(0, 3, (n, 1, 1), generator=g).float()
+        vertical = torch.rand(n, 1, 1, generator=g) < 0.5
+        coord = torch.where(vertical, xx, yy)
+        img = img + 0.25 * (((coord / period).floor() % 2) * 2 - 1)[:, None]
+    img = img + 0.02 * torch.randn(img.shape, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    test = torch.cat([synthetic(48, False, 1), synthetic(48, True, 2)])
+    labels = np.r_[np.zeros(48), np.ones(48)].astype(np.int64)
+    normal, anomalies = synthetic(96, False, 0), synthetic(8, True, 3)
+    return {"normal": normal, "anomalies": anomalies, "test": test, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def one_class(data):
+    torch.set_num_threads(1)
+    return AnoMem(**TINY).fit(data["normal"])
+
+
+@pytest.fixture(scope="module")
+def semi_supervised(data):
+    torch.set_num_threads(1)
+    return AnoMem(**TINY).fit(data["normal"], anomalies=data["anomalies"])
+
+
+# -- encoders --------------------------------------------------------------------------------------
+def test_resnet_parameter_counts_match_the_standard_networks():
+    # torchvision's resnet18 / resnet50 without the final fc layer
+    assert sum(p.numel() for p in resnet18().parameters()) == 11_176_512
+    assert sum(p.numel() for p in resnet50().parameters()) == 23_508_032
+
+
+@pytest.mark.parametrize(
+    ("factory", "small", "size", "channels", "sides"),
+    [
+        (resnet18, True, 32, [16, 32, 64, 128], [32, 16, 8, 4]),
+        (resnet50, False, 64, [64, 128, 256, 512], [16, 8, 4, 2]),
+    ],
+)
+def test_resnet_stage_outputs(factory, small, size, channels, sides):
+    net = factory(width=16, small_input=small).eval()
+    outs = net(torch.rand(2, 3, size, size))
+    assert [o.shape[1] for o in outs] == channels == net.stage_channels
+    assert [o.shape[-1] for o in outs] == sides
+    assert len(net(torch.rand(2, 3, size, size), num_stages=3)) == 3
+
+
+# -- augmentations ---------------------------------------------------------------------------------
+def test_augment_is_batchwise_reproducible_and_in_range():
+    images = torch.rand(6, 3, 32, 32)
+    first, crop1 = simclr_view(images, AugmentConfig(), torch.Generator().manual_seed(0))
+    again, _ = simclr_view(images, AugmentConfig(), torch.Generator().manual_seed(0))
+    other, _ = simclr_view(images, AugmentConfig(), torch.Generator().manual_seed(1))
+    assert first.shape == images.shape and torch.equal(first, again) and not torch.equal(first, other)
+    assert float(first.min()) >= 0 and float(first.max()) <= 1
+    assert crop1.half.shape == (6, 2) and bool((crop1.half > 0).all()) and bool((crop1.half <= 1).all())
+
+
+def test_matching_points_land_on_the_same_source_pixels():
+    # crop only: views of a coordinate image; the points must read back the same source coordinate
+    config = AugmentConfig(jitter_p=0, blur_p=0, noise_p=0, crop_scale=(0.5, 1.0))
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    source = torch.stack([xx, yy, 0.5 * torch.ones_like(xx)])[None].repeat(8, 1, 1, 1)
+    gen = torch.Generator().manual_seed(3)
+    v1, c1 = simclr_view(source, config, gen)
+    v2, c2 = simclr_view(source, config, gen)
+    p1, p2 = matching_points(c1, c2, 20, gen)
+    high = torch.minimum(c1.center + c1.half, c2.center + c2.half)
+    overlap = (high > torch.maximum(c1.center - c1.half, c2.center - c2.half)).all(-1)
+
+    def read(view, points):
+        return F.grid_sample(view, points[:, :, None], padding_mode="border", align_corners=False)[..., 0]
+
+    diff = (read(v1, p1) - read(v2, p2))[:, :2].abs().amax(dim=(1, 2))
+    assert bool(overlap.any())
+    assert float(diff[overlap].max()) < 0.03
+
+
+# -- memory layers use the Hopfield op -------------------------------------------------------------
+def test_memory_layer_init_and_parameters():
+    layer = MemoryLayer(64, 1000)
+    assert isinstance(layer.patterns, torch.nn.Parameter) and layer.patterns.shape == (1000, 64)
+    assert abs(float(layer.patterns.detach().std()) - 0.02) < 0.002
+    assert layer.beta == pytest.approx(1 / 8)
+
+
+def test_memory_layers_call_the_hopfield_op(monkeypatch, data):
+    calls = []
+    original = pyanomaly.ops.hopfield_retrieve
+
+    def counting(queries, memory, **kwargs):
+        calls.append((tuple(queries.shape), tuple(memory.shape), kwargs))
+        return original(queries, memory, **kwargs)
+
+    monkeypatch.setattr(pyanomaly.ops, "hopfield_retrieve", counting)
+    detector = AnoMem(**{**TINY, "epochs": 1}).fit(data["normal"][:32])
+    trained = len(calls)
+    assert trained >= 2  # stage 1: both scales of the one batch (and again for the training scores)
+    detector.decision_function(data["test"][:4])
+    assert len(calls) == trained + 2  # one call per scale when scoring
+    # stage 3 map of a 32 px image with the CIFAR stem: 8x8, stage 4: 4x4 positions per image
+    assert calls[-2][0] == (4 * 8 * 8, 32) and calls[-2][1] == (32, 32)
+    assert calls[-1][0] == (4 * 4 * 4, 64) and calls[-1][1] == (16, 64)
+    assert calls[-1][2]["beta"] == 0.05 and calls[-1][2]["max_iter"] == 3
+
+    # the op's output is what the scores are made of: with a zero recollection, D is the normalised
+    # features themselves and the scores change
+    trained_scores = detector.scale_scores(data["test"][:4])
+    monkeypatch.setattr(
+        pyanomaly.ops,
+        "hopfield_retrieve",
+        lambda q, m, **k: (torch.zeros_like(q), torch.zeros(q.shape[0], dtype=torch.int32)),
+    )
+    assert not np.allclose(detector.scale_scores(data["test"][:4]), trained_scores)
+
+
+def test_memory_gradients_reach_patterns_and_encoder():
+    model = AnoMemModel(
+        backbone="resnet18", in_channels=3, width=8, small_input=True, scales=(3, 4), memory_sizes=(16, 8),
+        beta=None, hopfield_iters=2, hopfield_tol=1e-4, projection_dim=None, classifier_pool=2,
+        classifier_hidden=8,
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    v1, c1 = simclr_view(x, AugmentConfig(), gen)
+    v2, c2 = simclr_view(x, AugmentConfig(), gen)
+    loss, parts = model.contrastive_loss(
+        v1, c1, v2, c2, torch.tensor([True, True, False, True]), sampling_ratios=(0.25, 1.0),
+        scale_weights=(0.5, 1.0), temperature=0.5, variance_weight=1.0, generator=gen,
+    )
+    loss.backward()
+    assert parts["variance"] > 0
+    assert all(float(m.patterns.grad.abs().sum()) > 0 for m in model.memories)
+    assert float(model.encoder.layer1[0].conv1.weight.grad.abs().sum()) > 0
+
+
+def test_losses():
+    a = torch.randn(8, 16)
+    assert float(nt_xent(a, a, 0.5)) < float(nt_xent(a, torch.randn(8, 16), 0.5))
+    d = torch.tensor([0.2, 0.6, 1.2, 1.8])
+    y = torch.tensor([False, False, True, True])
+    assert torch.allclose(double_hinge_loss(d, y, 0.5), torch.tensor([0.0, 0.1, 0.3, 0.0]))
+
+
+# -- the detector ----------------------------------------------------------------------------------
+def test_one_class_beats_floor(one_class, data):
+    scores = one_class.decision_function(data["test"])
+    assert scores.shape == (96,) and scores.dtype == np.float64
+    assert image_auroc(data["labels"], scores) > 0.8
+    assert not one_class.semi_supervised_
+    assert [r["epoch"] for r in one_class.history_] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["stage"] == 1 for r in one_class.history_)
+    assert one_class.threshold_ is not None and one_class.decision_scores_.shape == (96,)
+    predicted = one_class.predict(data["test"])
+    assert set(np.unique(predicted)) <= {0, 1}
+
+
+def test_semi_supervised_beats_floor(semi_supervised, data):
+    scores = semi_supervised.decision_function(data["test"])
+    assert image_auroc(data["labels"], scores) > 0.85
+    assert semi_supervised.semi_supervised_
+    assert any(r["stage"] == 2 for r in semi_supervised.history_)
+    assert semi_supervised.decision_scores_.shape == (96 + 8,)
+
+
+@pytest.mark.parametrize("which", ["one_class", "semi_supervised"])
+def test_save_load_round_trip(which, request, data, tmp_path):
+    detector = request.getfixturevalue(which)
+    path = tmp_path / "model.pt"
+    detector.save(path)
+    for loaded in (AnoMem.load(path), Detector.load(path, device="cpu")):
+        assert isinstance(loaded, AnoMem)
+        np.testing.assert_array_equal(
+            loaded.decision_function(data["test"]), detector.decision_function(data["test"])
+        )
+        assert loaded.threshold_ == detector.threshold_
+        assert loaded.history_ == detector.history_
+        assert loaded.semi_supervised_ == detector.semi_supervised_
+
+
+def test_score_maps_and_dataset_input(one_class, data, tmp_path):
+    from pyanomaly.data import ClassFolderDataset
+
+    images = [data["test"][0], F.interpolate(data["test"][60][None].float(), size=(40, 48)).byte()[0]]
+    scores, maps = one_class.score(images)
+    np.testing.assert_allclose(scores, one_class.decision_function(images))
+    assert [m.shape for m in maps] == [(32, 32), (40, 48)] and all(m.dtype == np.float32 for m in maps)
+    assert all(np.isfinite(m).all() and m.min() >= 0 for m in maps)
+    _write_class_folders(tmp_path, {"test": 3}, {"x": False})
+    dataset = ClassFolderDataset(tmp_path, "test")
+    stacked = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    np.testing.assert_array_equal(one_class.decision_function(dataset), one_class.decision_function(stacked))
+
+
+def test_seed_reproducibility_and_input_formats(data):
+    config = {**TINY, "epochs": 1, "classifier_epochs": 2}
+    normal = data["normal"][:32]
+    a = AnoMem(**config, seed=3).fit(normal, anomalies=data["anomalies"][:4])
+    b = AnoMem(**config, seed=3).fit(list(normal), anomalies=data["anomalies"][:4].numpy())
+    c = AnoMem(**config, seed=4).fit(normal, anomalies=data["anomalies"][:4])
+    test = data["test"][::8]
+    np.testing.assert_array_equal(a.decision_function(test), b.decision_function(test))
+    assert not np.array_equal(a.decision_function(test), c.decision_function(test))
+    # float in [0, 1] and a list of differently-sized uint8 images (resized to the training size)
+    np.testing.assert_allclose(a.decision_function(test.float() / 255), a.decision_function(test), rtol=1e-4)
+    resized = a.decision_function([F.interpolate(t[None].float(), size=48).byte()[0] for t in test])
+    assert resized.shape == (len(test),)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backbone": "vgg"}, "backbone"),
+        ({"memory_sizes": (256,)}, "memory_sizes"),
+        ({"sampling_ratios": (0.0, 1.0)}, "sampling_ratios"),
+        ({"scales": (4, 3)}, "scales"),
+        ({"scale_weights": (1.0, -1.0)}, "scale_weights"),
+        ({"temperature": 0}, "temperature"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"margin": 1.5}, "margin"),
+        ({"epochs": 0}, "epochs"),
+        ({"augment": {"hue": 0.1}}, "augment"),
+        ({"device": "nonsense"}, "device"),
+        ({"contamination": 0.7}, "contamination"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        AnoMem(**kwargs)
+
+
+def test_bad_inputs_name_the_argument(one_class):
+    detector = AnoMem(**TINY)
+    with pytest.raises(ValueError, match="normal"):
+        detector.fit(torch.zeros(4, 32, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="normal"):
+        detector.fit(torch.full((4, 3, 32, 32), 2.0))
+    with pytest.raises(ValueError, match="normal"):
+        detector.fit("images/")
+    with pytest.raises(ValueError, match="normal"):
+        detector.fit(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="anomalies"):
+        detector.fit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), anomalies=torch.zeros(2, 1, 32, 32).byte())
+    with pytest.raises(ValueError, match="anomalies"):
+        detector.fit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), anomalies=[])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        detector.decision_function(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="images .*channels"):
+        one_class.decision_function(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="images"):
+        one_class.decision_function(torch.full((2, 3, 32, 32), float("nan")))
+    with pytest.raises(ValueError, match="images"):
+        one_class.decision_function(torch.zeros(0, 3, 32, 32, dtype=torch.uint8))
+
+
+# -- protocols -------------------------------------------------------------------------------------
+def _write_class_folders(root: Path, splits: dict[str, int], classes: dict[str, bool], seed: int = 0) -> None:
+    from PIL import Image
+
+    for split, count in splits.items():
+        for k, (name, anomalous) in enumerate(classes.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, img in enumerate(synthetic(count, anomalous, seed + 97 * k + (split == "test"))):
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+
+
+class _MeanBrightness:
+    """A stand-in detector (score = mean pixel value) to check the protocol's bookkeeping."""
+
+    def fit(self, normal, anomalies=None):
+        self.anomalies = None if anomalies is None else len(anomalies)
+        return self
+
+    def decision_function(self, images):
+        return images.float().mean(dim=(1, 2, 3)).numpy()
+
+
+def test_one_vs_all_protocol_and_table(tmp_path):
+    _write_class_folders(tmp_path / "ds", {"train": 12, "test": 6}, {"blobs": False, "stripes": True})
+    seen = []
+
+    def factory():
+        seen.append(_MeanBrightness())
+        return seen[-1]
+
+    result = one_vs_all(
+        tmp_path / "ds", detector=factory, gammas=(0.0, 0.1), train_per_class=10, test_per_class=5
+    )
+    assert result["classes"] == ["blobs", "stripes"] and result["n_test"] == 10
+    assert set(result["auroc"]) == {"0", "0.1"}
+    assert result["n_train"]["0"]["blobs"] == {"normal": 10, "anomalies": 0}
+    assert result["n_train"]["0.1"]["blobs"] == {"normal": 10, "anomalies": 1}
+    assert [d.anomalies for d in seen] == [None, None, 1, 1]
+    for key in ("0", "0.1"):
+        values = result["auroc"][key]
+        assert result["mean"][key] == pytest.approx(np.mean(list(values.values())))
+        # the same scores rank one class normal then the other: AUROCs add up to 1
+        assert values["blobs"] + values["stripes"] == pytest.approx(1.0)
+    md, js = write_table(result, tmp_path / "table.md")
+    assert "| **mean** |" in md.read_text() and "gamma = 0.1" in md.read_text()
+    assert json.loads(js.read_text())["mean"] == result["mean"]
+    with pytest.raises(ValueError, match="classes"):
+        one_vs_all(tmp_path / "ds", detector=factory, classes=["cats"])
+    with pytest.raises(ValueError, match="gammas"):
+        one_vs_all(tmp_path / "ds", detector=factory, gammas=(1.5,))
+
+
+def test_out_of_distribution_protocol_with_anomem(tmp_path):
+    _write_class_folders(tmp_path / "in", {"train": 24, "test": 16}, {"a": False, "b": False})
+    _write_class_folders(tmp_path / "out", {"test": 16}, {"c": True, "d": True}, seed=5)
+    result = out_of_distribution(tmp_path / "in", tmp_path / "out", detector=TINY, test_limit=24)
+    assert result["n_train"] == 48 and result["n_test_in"] == 24 and result["n_test_out"] == 24
+    assert result["auroc"] > 0.7
+    md, _ = write_table(result, tmp_path / "ood")
+    assert "AUROC" in md.read_text()
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not CIFAR.is_file(), reason="shared CIFAR-10 data absent")
+def test_cifar10_smoke(tmp_path):
+    classes = ("airplane", "frog")
+    with tarfile.open(CIFAR) as tar:
+        members = []
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 3 and parts[1] in classes and int(Path(parts[2]).stem) < 40:
+                members.append(member)
+                if len(members) == 2 * 2 * 40:  # both splits of both classes: stop reading the archive
+                    break
+        tar.extractall(tmp_path, members=members, filter="data")
+    result = one_vs_all(
+        tmp_path, detector={**TINY, "epochs": 1}, classes=["airplane"], gammas=(0.0, 0.1), train_per_class=40,
+        test_per_class=40,
+    )
+    assert result["classes"] == ["airplane"] and result["n_test"] == 80
+    assert all(0.0 <= v["airplane"] <= 1.0 for v in result["auroc"].values())
+
+
+def test_cli_protocol_command(tmp_path, capsys):
+    from pyanomaly.cli import main
+
+    _write_class_folders(tmp_path / "ds", {"train": 16, "test": 8}, {"blobs": False, "stripes": True})
+    _write_class_folders(tmp_path / "ood", {"test": 8}, {"stripes": True}, seed=9)
+    tiny = []
+    for item in ("backbone=resnet18", "width=8", "memory_sizes=[32,16]", "epochs=1"):
+        tiny += ["--set", item]
+    assert main(["protocol", "one-vs-all", str(tmp_path / "ds"), "--out", str(tmp_path / "ova"), "--classes",
+                 "blobs", "--gammas", "0", "0.1", *tiny]) == 0
+    result = json.loads((tmp_path / "ova.json").read_text())
+    assert set(result["auroc"]) == {"0", "0.1"} and result["method"] == "anomem"
+    assert "| blobs |" in capsys.readouterr().out
+    assert main(["protocol", "ood", str(tmp_path / "ds"), "--out-data", str(tmp_path / "ood"),
+                 "--out", str(tmp_path / "ood_table"), *tiny]) == 0
+    assert 0 <= json.loads((tmp_path / "ood_table.json").read_text())["auroc"] <= 1
+    assert main(["protocol", "ood", str(tmp_path / "ds"), "--out", str(tmp_path / "x")]) == 2
+    assert "--out-data" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Tests for the command line: fit / evaluate / predict round trip, demo, and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyanomaly import _ext, cli
+from pyanomaly.demo import make_dataset
+from pyanomaly.models.base import Detector
+from pyanomaly.ops import reference_mode
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SET = [
+    "--set", "patch_size=32", "--set", "patch_stride=16", "--set", "sub_size=8", "--set", "sub_stride=4",
+    "--set", "widths=[8, 16, 32]", "--set", "blocks=[1, 1, 1]", "--set", "shared_encoder=true",
+    "--set", "prediction_steps=2", "--set", "crop_fraction=1.0", "--set", "bank_size=1024",
+    "--set", "test_draws=2",
+]
+
+
+def _compiled_ops_ready() -> bool:
+    try:
+        torch.ops.pyanomaly.extract_patches  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def ops_backend():
+    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
+    with reference_mode() if use_reference else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cli") / "data", n_train=8, n_test_good=3, n_test_defect=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
+    with reference_mode() if use_reference else contextlib.nullcontext():
+        rc = cli.main([
+            "fit", "--method", "cpcad", "--data", str(data_root), "--category", "synthetic",
+            "--out", str(run), "--epochs", "1", "--image-size", "64", "--seed", "0", "--quiet", *TINY_SET,
+        ])
+    assert rc == 0
+    return run
+
+
+def test_fit_writes_model_and_config(run_dir):
+    assert (run_dir / "model.pt").is_file()
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["method"] == "cpcad" and record["category"] == "synthetic"
+    assert record["config"]["widths"] == [8, 16, 32] and record["config"]["epochs"] == 1
+    assert len(record["history"]) == 1
+    assert isinstance(Detector.load(run_dir / "model.pt"), cli.get_method("cpcad"))
+
+
+def test_evaluate_writes_metrics_table_and_heatmaps(run_dir, data_root, capsys):
+    assert cli.main(["evaluate", str(run_dir), "--data", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert set(metrics["per_defect"]) == {"scratch", "blob", "shift"}
+    assert "scratch" in out and "image AUROC" in out
+    assert (run_dir / "per_defect.csv").read_text().startswith("defect,images,image_auroc")
+    heatmaps = sorted((run_dir / "heatmaps").rglob("*.png"))
+    assert len(heatmaps) == 3 + 3 * 2
+
+
+def test_predict_prints_score_and_label(run_dir, data_root, tmp_path, capsys):
+    images = sorted((data_root / "synthetic" / "test" / "blob").glob("*.png"))
+    rc = cli.main(["predict", str(run_dir), *map(str, images), "--heatmap-dir", str(tmp_path / "hm")])
+    assert rc == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
+    assert len(lines) == len(images)
+    for line, image in zip(lines, images):
+        score, label, path = line.split("\t")
+        float(score)
+        assert label in ("0", "1") and path == str(image)
+    assert len(list((tmp_path / "hm").glob("*.png"))) == len(images)
+
+
+class _NotYet(Detector):
+    method = "notyet"
+
+    def __init__(self, **kwargs):
+        raise NotImplementedError("NotYet is not implemented yet")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "--data", "{missing}", "--category", "synthetic", "--out", "{tmp}/r"],
+         "data folder not found"),
+        (["fit", "--data", "{data}", "--category", "nope", "--out", "{tmp}/r"], "category folder not found"),
+        (["fit", "--method", "magic", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r"],
+         "unknown method 'magic'"),
+        (["fit", "--method", "notyet", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r"],
+         "method 'notyet' is not implemented yet"),
+        (["fit", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r", "--set", "colour=3"],
+         "bad option for method 'cpcad'"),
+        (["fit", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r", "--set", "patch_size=9"],
+         "sub_size (64) must not exceed patch_size (9)"),
+        (["evaluate", "{missing}", "--data", "{data}"], "run folder not found"),
+        (["evaluate", "{tmp}", "--data", "{data}"], "no model.pt in run folder"),
+        (["predict", "{missing}", "x.png"], "run folder not found"),
+    ],
+)
+def test_errors_are_one_line_exit_2(argv, message, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(cli.METHODS, "notyet", _NotYet)
+    fill = {"missing": str(tmp_path / "missing"), "data": str(data_root), "tmp": str(tmp_path)}
+    assert cli.main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_predict_missing_image(run_dir, tmp_path, capsys):
+    assert cli.main(["predict", str(run_dir), str(tmp_path / "nothere.png")]) == 2
+    assert "image file not found" in capsys.readouterr().err
+
+
+def test_anomem_registered():
+    assert "anomem" in cli.METHODS and "cpcad" in cli.METHODS
+
+
+def test_parse_set():
+    assert cli.parse_set(["lr=1e-3", "layout=nested", "widths=[8, 16]", "shared-encoder=true"]) == {
+        "lr": 1e-3, "layout": "nested", "widths": [8, 16], "shared_encoder": True,
+    }
+
+
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    from pyanomaly import demo
+
+    monkeypatch.setattr(demo, "DEMO_CONFIG", {**demo.DEMO_CONFIG, "widths": [8, 16, 32], "test_draws": 2})
+    monkeypatch.setattr(demo, "make_dataset", lambda root, seed=0: make_dataset(
+        root, n_train=8, n_test_good=3, n_test_defect=2, seed=seed))
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "heatmaps:" in out and "image AUROC" in out
+    assert (tmp_path / "demo" / "run" / "metrics.json").is_file()
+    assert any((tmp_path / "demo" / "run" / "heatmaps").rglob("*.png"))
+
+
+def test_module_entry_point_error_exit_code(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyanomaly", "evaluate", str(tmp_path / "none"), "--data", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "run folder not found" in proc.stderr and "Traceback" not in proc.stderr

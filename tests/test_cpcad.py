@@ -1,0 +1,299 @@
+"""Tests for CPCAD: a tiny config on the built-in synthetic data, persistence, errors, layouts."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyanomaly import _ext
+from pyanomaly.data import MVTecDataset
+from pyanomaly.demo import make_dataset, make_image
+from pyanomaly.metrics import image_auroc, pixel_auroc
+from pyanomaly.models.cpcad import CPCAD
+from pyanomaly.models.cpcad.torch_model import (
+    DIRECTIONS,
+    CPCADModel,
+    orient,
+    unorient,
+    windows_from_grid,
+    windows_to_grid,
+)
+from pyanomaly.nn.preact_resnet import PreActResNetEncoder
+from pyanomaly.ops import reference_mode
+
+SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_format"
+
+#: 64 px images, patches 32/16, sub-patches 8/4 (a 7x7 window, the paper's geometry at 1/8 scale).
+TINY = dict(
+    image_size=64, patch_size=32, patch_stride=16, sub_size=8, sub_stride=4, widths=(16, 32, 64),
+    blocks=(1, 1, 1), shared_encoder=True, prediction_steps=2, batch_size=16, lr=1e-3, crop_fraction=1.0,
+    bank_size=2048, score_batch_size=16, verbose=False,
+)
+
+
+def _compiled_ops_ready() -> bool:
+    try:
+        torch.ops.pyanomaly.extract_patches  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def ops_backend():
+    """Use the compiled ops when their schemas are registered, else the references."""
+    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
+    with reference_mode() if use_reference else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cpcad") / "data"
+    root = make_dataset(folder, n_train=32, n_test_good=12, n_test_defect=6)
+    train = MVTecDataset(root, "synthetic", "train")
+    test = MVTecDataset(root, "synthetic", "test")
+    samples = [test[i] for i in range(len(test))]
+    return train, samples
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic):
+    train, _ = synthetic
+    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
+    with reference_mode() if use_reference else contextlib.nullcontext():
+        torch.set_num_threads(1)
+        return CPCAD(**TINY, epochs=8, seed=0).fit(train)
+
+
+def test_tiny_config_beats_auroc_floor(fitted, synthetic):
+    _, samples = synthetic
+    images = [s.image for s in samples]
+    labels = np.array([s.label for s in samples])
+    masks = np.stack([s.mask.numpy() for s in samples])
+    scores, maps = fitted.score(images)
+    assert image_auroc(labels, scores) >= 0.85
+    assert pixel_auroc(masks, np.stack(maps)) >= 0.85
+    # "shift" defects (half-period phase shift: normal brightness statistics, only context tells)
+    # need the trained predictors: an untrained model gets about 0.75 pixel AUROC on them
+    shift = np.array([s.defect_type in ("good", "shift") for s in samples])
+    print("floors:", image_auroc(labels, scores), pixel_auroc(masks, np.stack(maps)),
+          pixel_auroc(masks[shift], np.stack(maps)[shift]))
+    assert pixel_auroc(masks[shift], np.stack(maps)[shift]) >= 0.85
+    # a broken scorer (scores unrelated to the images) fails the same floor
+    assert image_auroc(labels, np.random.default_rng(0).permutation(scores)) < 0.85
+    # training works: the objective falls well below chance, ln(17) = 2.83
+    assert fitted.history_[0] > 2.6 and fitted.history_[-1] < 2.2
+
+
+def test_contract_shapes_and_predict(fitted, synthetic):
+    _, samples = synthetic
+    images = [s.image for s in samples[:3]]
+    scores = fitted.decision_function(images)
+    assert scores.shape == (3,) and scores.dtype == np.float64
+    maps = fitted.anomaly_map(torch.stack(images))
+    assert maps.shape == (3, 64, 64)
+    assert set(fitted.predict(images).tolist()) <= {0, 1}
+    assert fitted.threshold_ is not None and fitted.decision_scores_.shape == (32,)
+    assert len(fitted.history_) == 8
+    # input resolution is kept, also for non-square images of different sizes
+    odd = [
+        torch.randint(0, 256, (1, 50, 70), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8),
+    ]
+    odd_maps = fitted.anomaly_map(odd)
+    assert [m.shape for m in odd_maps] == [(50, 70), (40, 40)]
+
+
+def test_fit_accepts_folder_dataset_and_tensor(synthetic, tmp_path):
+    from PIL import Image
+
+    from pyanomaly.data import FolderDataset
+
+    train, _ = synthetic
+    for i in range(3):
+        rgb = np.repeat(train[i].image.numpy()[0][..., None], 3, axis=2)
+        Image.fromarray(rgb).save(tmp_path / f"{i}.png")
+    folder = FolderDataset(tmp_path, grayscale=False)  # RGB: converted to gray inside
+    det = CPCAD(**TINY, epochs=0).fit(folder)
+    batch = torch.stack([train[i].image for i in range(3)])  # the same images, gray, as a tensor
+    np.testing.assert_allclose(det.decision_function(folder), det.decision_function(batch), atol=0.05)
+
+
+def test_save_load_identical_scores(fitted, synthetic, tmp_path):
+    _, samples = synthetic
+    images = [s.image for s in samples[:6]]
+    fitted.save(tmp_path / "model.pt")
+    loaded = CPCAD.load(tmp_path / "model.pt")
+    a_scores, a_maps = fitted.score(images)
+    b_scores, b_maps = loaded.score(images)
+    np.testing.assert_array_equal(a_scores, b_scores)
+    np.testing.assert_array_equal(np.stack(a_maps), np.stack(b_maps))
+    assert loaded.threshold_ == fitted.threshold_ and loaded.history_ == fitted.history_
+    assert loaded._get_config() == fitted._get_config()
+
+
+def test_seed_reproducible_on_cpu(synthetic):
+    train, samples = synthetic
+    images = [s.image for s in samples[:4]]
+    subset = [train[i].image for i in range(8)]
+    cfg = dict(TINY, epochs=1, crop_fraction=0.75)
+    a = CPCAD(**cfg, seed=3).fit(subset)
+    b = CPCAD(**cfg, seed=3).fit(subset)
+    c = CPCAD(**cfg, seed=4).fit(subset)
+    assert a.history_ == b.history_
+    np.testing.assert_array_equal(a.decision_function(images), b.decision_function(images))
+    assert a.history_ != c.history_
+
+
+def test_nested_and_grid_layouts(fitted, synthetic):
+    _, samples = synthetic
+    images = [s.image for s in samples[:4]]
+    grid_scores = fitted.subpatch_scores(images)
+    fitted.layout = "nested"
+    try:
+        nested_scores = fitted.subpatch_scores(images)
+    finally:
+        fitted.layout = "grid"
+    # no normalisation in the encoder: both layouts compute the same losses for the same weights
+    torch.testing.assert_close(nested_scores, grid_scores, rtol=1e-4, atol=1e-4)
+    subset = [samples[i].image for i in range(4)]
+    nested = CPCAD(**dict(TINY, layout="nested", epochs=1), seed=0).fit(subset)
+    assert nested.decision_function(subset).shape == (4,)
+
+
+def test_four_separate_encoders_and_fast_stem(synthetic):
+    train, _ = synthetic
+    subset = [train[i].image for i in range(4)]
+    det = CPCAD(**dict(TINY, shared_encoder=False, stem="fast", epochs=1, sub_size=8), seed=0).fit(subset)
+    assert len(det.model_.encoders) == 4 and len(det.banks_) == 4
+    assert np.isfinite(det.decision_function(subset)).all()
+
+
+@pytest.mark.parametrize(
+    "data, error, match",
+    [
+        (torch.zeros(2, 64, 64, dtype=torch.uint8), ValueError, "data must be a uint8 tensor of shape"),
+        (torch.zeros(2, 1, 64, 64), TypeError, r"data\[0\] must be uint8"),
+        ([torch.zeros(1, 64, 64, dtype=torch.uint8), "x"], TypeError, r"data\[1\] must be a uint8 tensor"),
+        ([torch.zeros(2, 64, 64, dtype=torch.uint8)], ValueError, r"data\[0\] must have shape \(C, H, W\)"),
+        ([torch.zeros(64, 64, dtype=torch.uint8)], ValueError, r"data\[0\] must have shape \(C, H, W\)"),
+        ([], ValueError, "data is empty"),
+        ([torch.zeros(1, 6, 64, dtype=torch.uint8)], ValueError, r"data\[0\] is 6x64 pixels, smaller than"),
+        ("images/", TypeError, "data must be a dataset"),
+        (42, TypeError, "data must be a dataset"),
+    ],
+)
+def test_bad_fit_input(data, error, match):
+    with pytest.raises(error, match=match):
+        CPCAD(**TINY, epochs=1).fit(data)
+
+
+def test_bad_scoring_input(fitted):
+    with pytest.raises(ValueError, match="images must be a uint8 tensor of shape"):
+        fitted.decision_function(torch.zeros(1, 64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"images\[0\] must be uint8"):
+        fitted.anomaly_map([torch.zeros(1, 64, 64)])
+
+
+def test_not_fitted():
+    det = CPCAD(**TINY)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        det.decision_function([torch.zeros(1, 64, 64, dtype=torch.uint8)])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        det.predict([torch.zeros(1, 64, 64, dtype=torch.uint8)])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        det.save("unused.pt")
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (dict(patch_size=128), r"patch_size \(128\) must not exceed image_size \(64\)"),
+        (dict(sub_size=40), r"sub_size \(40\) must not exceed patch_size"),
+        (dict(patch_stride=12), "patch_stride .* must divide image_size - patch_size"),
+        (dict(sub_stride=3), "sub_stride .* must divide patch_stride"),
+        (dict(sub_size=32), "at least 3 sub-patches per side"),
+        (dict(layout="tiles"), "layout must be one of"),
+        (dict(stem="big"), "stem must be one of"),
+        (dict(top_k=0), "top_k must be"),
+        (dict(top_k=1.5), "top_k must be"),
+        (dict(crop_fraction=0.0), "crop_fraction must be in"),
+        (dict(epochs=-1), "epochs must be a positive int"),
+        (dict(image_size=64.0), "image_size must be a positive int"),
+        (dict(directions=("up",)), "directions must be distinct values"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(contamination=0.7), "contamination must be in"),
+    ],
+)
+def test_bad_config(override, match):
+    with pytest.raises(ValueError, match=match):
+        CPCAD(**{**TINY, **override})
+
+
+def test_orient_unorient_and_window_grid_helpers():
+    z = torch.randn(2, 7, 7, 3)
+    s = z[..., 0]
+    for direction in DIRECTIONS:
+        assert torch.equal(unorient(orient(z, direction)[..., 0], direction), s)
+    # "above": context rows above the target, i.e. prediction runs downwards (unchanged)
+    assert torch.equal(orient(z, "above"), z)
+    # "left": canonical row r is original column r
+    assert torch.equal(orient(z, "left")[:, 2, 5], z[:, 5, 2])
+    grid = torch.randn(2, 15, 15, 4)
+    windows = windows_from_grid(grid, 7, 4)  # B nh nw m m D
+    assert windows.shape == (2, 3, 3, 7, 7, 4)
+    assert torch.equal(windows[:, 1, 2, 3, 0], grid[:, 4 + 3, 8 + 0])
+    counts = windows_to_grid(torch.ones(1, 3, 3, 7, 7), 7, 4, (15, 15))
+    assert counts[0, 0, 0] == 1 and counts[0, 4, 4] == 4 and counts[0, 7, 7] == 1 and counts[0, 8, 8] == 4
+
+
+def test_losses_credited_to_targets():
+    torch.manual_seed(0)
+    model = CPCADModel(directions=("above",), prediction_steps=2, widths=(8,), blocks=(1,), strides=(1,))
+    windows = torch.randn(3, 7, 7, model.dim)
+    loss_sum, count, objective = model([windows])
+    # "above" with K = 2: row y predicts rows y + 2 and y + 3, so rows 0 and 1 are never targets
+    assert torch.equal(count[:, 0], torch.tensor([0.0, 0, 1, 2, 2, 2, 2]))
+    assert (loss_sum[:, :2] == 0).all() and (loss_sum[:, 2:] > 0).all()
+    assert objective.ndim == 0 and torch.isfinite(objective)
+
+
+@pytest.mark.parametrize("stem, size, expected", [("gim", 16, 16), ("fast", 64, 16)])
+def test_encoder(stem, size, expected):
+    enc = PreActResNetEncoder(1, widths=(8, 16, 32), stem=stem)
+    assert enc.feature_map(torch.zeros(2, 1, size, size)).shape == (2, 32, expected // 4, expected // 4)
+    assert enc(torch.zeros(5, 1, size, size)).shape == (5, 32)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+
+
+def test_make_image_masks():
+    rng = np.random.default_rng(0)
+    for defect in ("scratch", "blob", "shift"):
+        image, mask = make_image(rng, 64, defect)
+        assert image.dtype == np.uint8 and image.shape == (64, 64) and mask.any()
+    image, mask = make_image(rng, 64, None)
+    assert not mask.any()
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not SHARED_MVTEC.is_dir(), reason="shared MVTec-format data not present")
+@pytest.mark.parametrize("category", ["glass", "magnetic_tile"])
+def test_shared_data_smoke(category):
+    if not (SHARED_MVTEC / category).is_dir():
+        pytest.skip(f"{category} not present")
+    train = MVTecDataset(SHARED_MVTEC, category, "train")
+    test = MVTecDataset(SHARED_MVTEC, category, "test")
+    images = [train[i].image for i in range(min(8, len(train)))]
+    det = CPCAD(**TINY, epochs=1, seed=0).fit(images)
+    picks = [i for i, label in enumerate(test.labels) if label == 0][:2] + [
+        i for i, label in enumerate(test.labels) if label == 1
+    ][:2]
+    samples = [test[i] for i in picks]
+    scores, maps = det.score([s.image for s in samples])
+    assert np.isfinite(scores).all()
+    assert all(m.shape == tuple(s.image.shape[1:]) for m, s in zip(maps, samples))
