@@ -28,7 +28,7 @@ def _sizes(scale: str) -> list:
     if scale == "quick":
         return [case(1024, 256, 64, 3)]
     if scale == "full":
-        heads = [case(65_536, 1024, 512, 3), case(65_536, 4096, 2048, 10)]
+        heads = [case(65_536, 4096, 256, 5), case(65_536, 1024, 512, 3), case(65_536, 4096, 2048, 10)]
         base = (16_384, 1024, 512, 3)
         sweeps = [case(n, *base[1:]) for n in (4_096, 65_536)]
         sweeps += [case(base[0], m, *base[2:]) for m in (256, 4_096)]
