@@ -38,19 +38,24 @@ _built_with_cuda = False
 _force_reference = False
 
 
+def _source_checkout_hint() -> str:
+    """Explain the usual cause of a missing extension: importing the source folder, not the install."""
+    source_root = Path(__file__).resolve().parents[1]
+    if not (source_root / "setup.py").is_file():
+        return ""
+    return (
+        f" ({source_root / 'pyanomaly'} is the source checkout, imported because the current folder comes "
+        "first on sys.path; run from another folder, or use the `pyanomaly` command, to get the installed "
+        "package, or build here with `python setup.py build_ext --inplace`)"
+    )
+
+
 def _load() -> None:
     global _C, _load_error, _built_with_cuda
     try:
         from pyanomaly import _build_info
     except ImportError:
-        _load_error = "the compiled extension pyanomaly._C is not built"
-        source_root = Path(__file__).resolve().parents[1]
-        if (source_root / "setup.py").is_file():
-            _load_error += (
-                f" in {source_root / 'pyanomaly'}: this is the source checkout, imported because the current "
-                "folder comes first on sys.path; run from another folder (or use the `pyanomaly` command) "
-                "to get the installed package, or build here with `python setup.py build_ext --inplace`"
-            )
+        _load_error = "the compiled extension pyanomaly._C is not built" + _source_checkout_hint()
         return
     if _build_info.TORCH_VERSION != torch.__version__:
         _load_error = (
@@ -61,7 +66,7 @@ def _load() -> None:
     try:
         _C = importlib.import_module("pyanomaly._C")
     except ImportError as exc:  # missing .so, or an ABI mismatch the version check missed
-        _load_error = f"pyanomaly._C could not be imported ({exc})"
+        _load_error = f"pyanomaly._C could not be imported ({exc})" + _source_checkout_hint()
         return
     missing = [name for name in EXPECTED_OPS if not hasattr(torch.ops.pyanomaly, name)]
     if missing:
