@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/hopfield_args.h"
 
 namespace pyanomaly {
 namespace {
@@ -39,15 +40,7 @@ void check_retrieve_args(const Tensor& queries, const Tensor& memory, double bet
   PYA_CHECK_CPU(memory);
   TORCH_CHECK(queries.scalar_type() == at::kFloat || queries.scalar_type() == at::kDouble,
               "queries must be float32 or float64 on CPU, got ", queries.scalar_type());
-  TORCH_CHECK(memory.scalar_type() == queries.scalar_type(), "memory must have the dtype of queries (",
-              queries.scalar_type(), "), got ", memory.scalar_type());
-  TORCH_CHECK(memory.size(0) >= 1 && memory.size(1) >= 1,
-              "memory must hold at least one pattern of dimension >= 1, got shape ", memory.sizes());
-  TORCH_CHECK(queries.size(1) == memory.size(1), "queries must have the pattern dimension D = ", memory.size(1),
-              " of memory, got shape ", queries.sizes());
-  TORCH_CHECK(std::isfinite(beta) && beta > 0, "beta must be a finite number > 0, got ", beta);
-  TORCH_CHECK(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
-  TORCH_CHECK(std::isfinite(tol) && tol >= 0, "tol must be a finite number >= 0, got ", tol);
+  check_hopfield_retrieve_args(queries, memory, beta, max_iter, tol);
 }
 
 Tensor rows_where(const std::vector<int64_t>& rows) {

@@ -13,22 +13,11 @@
 #include <vector>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/infonce_args.h"
 
 namespace pyanomaly {
 
-// Defined in csrc/ops/infonce.cpp.
-void infonce_check_inputs(const at::Tensor& queries, const at::Tensor& positives, const at::Tensor& bank,
-                          const at::Tensor& neg_idx, double temperature);
-void infonce_check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& queries,
-                                   const at::Tensor& positives, const at::Tensor& bank, const at::Tensor& neg_idx,
-                                   const at::Tensor& lse, double temperature, bool fold_positives);
-
 namespace {
-
-// Rows are read with unit inner stride; any row stride (slices, expand) is kept without a copy.
-at::Tensor unit_inner_stride(const at::Tensor& x) {
-  return (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
-}
 
 // Rows handled per parallel task: about 64K multiply-adds each.
 int64_t row_grain(int64_t k, int64_t d) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (k + 1) * d)); }

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/hopfield_args.h"
 #include "pyanomaly/cuda_glue.h"
 #include "pyanomaly/hopfield_params.h"
 
@@ -27,15 +28,7 @@ void check_retrieve_args(const Tensor& queries, const Tensor& memory, double bet
   TORCH_CHECK(queries.scalar_type() == at::kHalf || queries.scalar_type() == at::kBFloat16 ||
                   queries.scalar_type() == at::kFloat,
               "queries must be float16, bfloat16 or float32 on CUDA, got ", queries.scalar_type());
-  TORCH_CHECK(memory.scalar_type() == queries.scalar_type(), "memory must have the dtype of queries (",
-              queries.scalar_type(), "), got ", memory.scalar_type());
-  TORCH_CHECK(memory.size(0) >= 1 && memory.size(1) >= 1,
-              "memory must hold at least one pattern of dimension >= 1, got shape ", memory.sizes());
-  TORCH_CHECK(queries.size(1) == memory.size(1), "queries must have the pattern dimension D = ", memory.size(1),
-              " of memory, got shape ", queries.sizes());
-  TORCH_CHECK(std::isfinite(beta) && beta > 0, "beta must be a finite number > 0, got ", beta);
-  TORCH_CHECK(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
-  TORCH_CHECK(std::isfinite(tol) && tol >= 0, "tol must be a finite number >= 0, got ", tol);
+  check_hopfield_retrieve_args(queries, memory, beta, max_iter, tol);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cuda(const Tensor& queries_in, const Tensor& memory_in,

@@ -9,23 +9,13 @@
 #include <tuple>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/infonce_args.h"
 #include "pyanomaly/cuda_glue.h"
 #include "pyanomaly/infonce_params.h"
 
 namespace pyanomaly {
 
-// Defined in csrc/ops/infonce.cpp.
-void infonce_check_inputs(const at::Tensor& queries, const at::Tensor& positives, const at::Tensor& bank,
-                          const at::Tensor& neg_idx, double temperature);
-void infonce_check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& queries,
-                                   const at::Tensor& positives, const at::Tensor& bank, const at::Tensor& neg_idx,
-                                   const at::Tensor& lse, double temperature, bool fold_positives);
-
 namespace {
-
-at::Tensor unit_inner_stride(const at::Tensor& x) {
-  return (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
-}
 
 std::tuple<at::Tensor, at::Tensor> infonce_cuda(const at::Tensor& queries, const at::Tensor& positives,
                                                 const at::Tensor& bank, const at::Tensor& neg_idx, double temperature,

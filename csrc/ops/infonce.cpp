@@ -1,11 +1,12 @@
 // Schemas of the fused InfoNCE op, and the argument checks its CPU and CUDA kernels share
-// (declared again at the top of csrc/cpu/infonce.cpp and csrc/cuda/infonce_launch.cpp).
+// (declared in pyanomaly/infonce_args.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "pyanomaly/check.h"
+#include "pyanomaly/infonce_args.h"
 
 namespace pyanomaly {
 
