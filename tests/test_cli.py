@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -10,12 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from pyanomaly import _ext, cli
+from pyanomaly import cli
 from pyanomaly.demo import make_dataset
 from pyanomaly.models.base import Detector
-from pyanomaly.ops import reference_mode
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SET = [
@@ -26,21 +23,6 @@ TINY_SET = [
 ]
 
 
-def _compiled_ops_ready() -> bool:
-    try:
-        torch.ops.pyanomaly.extract_patches  # noqa: B018
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@pytest.fixture(autouse=True)
-def ops_backend():
-    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
-    with reference_mode() if use_reference else contextlib.nullcontext():
-        yield
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("cli") / "data", n_train=8, n_test_good=3, n_test_defect=2)
@@ -49,12 +31,10 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
-    with reference_mode() if use_reference else contextlib.nullcontext():
-        rc = cli.main([
-            "fit", "--method", "cpcad", "--data", str(data_root), "--category", "synthetic",
-            "--out", str(run), "--epochs", "1", "--image-size", "64", "--seed", "0", "--quiet", *TINY_SET,
-        ])
+    rc = cli.main([
+        "fit", "--method", "cpcad", "--data", str(data_root), "--category", "synthetic",
+        "--out", str(run), "--epochs", "1", "--image-size", "64", "--seed", "0", "--quiet", *TINY_SET,
+    ])
     assert rc == 0
     return run
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pyanomaly import _ext
 from pyanomaly.data import MVTecDataset
 from pyanomaly.demo import make_dataset, make_image
 from pyanomaly.metrics import image_auroc, pixel_auroc
@@ -23,7 +21,6 @@ from pyanomaly.models.cpcad.torch_model import (
     windows_to_grid,
 )
 from pyanomaly.nn.preact_resnet import PreActResNetEncoder
-from pyanomaly.ops import reference_mode
 
 SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_format"
 
@@ -33,22 +30,6 @@ TINY = dict(
     blocks=(1, 1, 1), shared_encoder=True, prediction_steps=2, batch_size=16, lr=1e-3, crop_fraction=1.0,
     bank_size=2048, score_batch_size=16, verbose=False,
 )
-
-
-def _compiled_ops_ready() -> bool:
-    try:
-        torch.ops.pyanomaly.extract_patches  # noqa: B018
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@pytest.fixture(autouse=True)
-def ops_backend():
-    """Use the compiled ops when their schemas are registered, else the references."""
-    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
-    with reference_mode() if use_reference else contextlib.nullcontext():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +45,8 @@ def synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(synthetic):
     train, _ = synthetic
-    use_reference = _ext.has_kernels("cpu") and not _compiled_ops_ready()
-    with reference_mode() if use_reference else contextlib.nullcontext():
-        torch.set_num_threads(1)
-        return CPCAD(**TINY, epochs=8, seed=0).fit(train)
+    torch.set_num_threads(1)
+    return CPCAD(**TINY, epochs=8, seed=0).fit(train)
 
 
 def test_tiny_config_beats_auroc_floor(fitted, synthetic):
