@@ -229,29 +229,12 @@ __global__ void __launch_bounds__(kThreads) infonce_backward_bank_kernel(const I
 
 unsigned int blocks_for(int64_t rows) { return ceil_div(rows, kWarpsPerBlock); }
 
-// Calls fn with a value of the element type named by dtype.
-template <typename Fn>
-cudaError_t dispatch(ElemType dtype, Fn&& fn) {
-  switch (dtype) {
-    case ElemType::kHalf:
-      return fn(__half{});
-    case ElemType::kBFloat16:
-      return fn(__nv_bfloat16{});
-    case ElemType::kFloat:
-      return fn(float{});
-    case ElemType::kDouble:
-      return fn(double{});
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 }  // namespace cuda
 
 cudaError_t launch_infonce_forward(const InfoNCEForwardParams& params, cudaStream_t stream) {
   if (params.num_queries == 0) return cudaSuccess;
-  return cuda::dispatch(params.dtype, [&](auto tag) {
+  return cuda::dispatch_elem_type</*kAllowUInt8=*/false>(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     cuda::infonce_forward_kernel<T><<<cuda::blocks_for(params.num_queries), cuda::kThreads, 0, stream>>>(params);
     return cudaGetLastError();
@@ -260,7 +243,7 @@ cudaError_t launch_infonce_forward(const InfoNCEForwardParams& params, cudaStrea
 
 cudaError_t launch_infonce_backward_rows(const InfoNCEBackwardParams& params, cudaStream_t stream) {
   if (params.num_queries == 0) return cudaSuccess;
-  return cuda::dispatch(params.dtype, [&](auto tag) {
+  return cuda::dispatch_elem_type</*kAllowUInt8=*/false>(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     const unsigned int blocks = cuda::blocks_for(params.num_queries);
     if (params.grad_bank_accum != nullptr) {
@@ -274,7 +257,7 @@ cudaError_t launch_infonce_backward_rows(const InfoNCEBackwardParams& params, cu
 
 cudaError_t launch_infonce_backward_bank(const InfoNCEBackwardParams& params, cudaStream_t stream) {
   if (params.bank_size == 0) return cudaSuccess;
-  return cuda::dispatch(params.dtype, [&](auto tag) {
+  return cuda::dispatch_elem_type</*kAllowUInt8=*/false>(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     cuda::infonce_backward_bank_kernel<T><<<cuda::blocks_for(params.bank_size), cuda::kThreads, 0, stream>>>(params);
     return cudaGetLastError();

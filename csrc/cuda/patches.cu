@@ -220,24 +220,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Runs fn(T{}) with T the element type of t (floating types only; uint8 too when allow_uint8).
-template <typename F>
-cudaError_t dispatch_type(ElemType t, bool allow_uint8, F&& fn) {
-  switch (t) {
-    case ElemType::kUInt8:
-      return allow_uint8 ? fn(uint8_t{}) : cudaErrorInvalidValue;
-    case ElemType::kHalf:
-      return fn(__half{});
-    case ElemType::kBFloat16:
-      return fn(__nv_bfloat16{});
-    case ElemType::kFloat:
-      return fn(float{});
-    case ElemType::kDouble:
-      return fn(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 constexpr int64_t kInt32Max = 2147483647;
 
 }  // namespace
@@ -246,9 +228,9 @@ cudaError_t launch_extract_patches(const ExtractPatchesParams& p, cudaStream_t s
   const PatchGeometry& g = p.geo;
   const int64_t numel = g.batch * g.n1h * g.n1w * g.n2h * g.n2w * g.out_channels * g.ph * g.pw;
   if (numel == 0) return cudaSuccess;
-  return dispatch_type(p.images_type, true, [&](auto in_tag) {
+  return cuda::dispatch_elem_type<true>(p.images_type, [&](auto in_tag) {
     using in_t = decltype(in_tag);
-    return dispatch_type(p.out_type, false, [&](auto out_tag) {
+    return cuda::dispatch_elem_type<false>(p.out_type, [&](auto out_tag) {
       using out_t = decltype(out_tag);
       if (numel <= kInt32Max) {
         extract_patches_kernel<in_t, out_t, uint32_t><<<blocks_for(numel), kThreads, 0, stream>>>(p, numel);
@@ -264,9 +246,9 @@ cudaError_t launch_extract_patches_backward(const ExtractPatchesBackwardParams& 
   const PatchGeometry& g = p.geo;
   const int64_t numel = g.batch * g.out_channels * g.height * g.width;
   if (numel == 0) return cudaSuccess;
-  return dispatch_type(p.grad_type, false, [&](auto grad_tag) {
+  return cuda::dispatch_elem_type<false>(p.grad_type, [&](auto grad_tag) {
     using grad_t = decltype(grad_tag);
-    return dispatch_type(p.images_type, false, [&](auto img_tag) {
+    return cuda::dispatch_elem_type<false>(p.images_type, [&](auto img_tag) {
       using img_t = decltype(img_tag);
       if (numel <= kInt32Max) {
         extract_patches_backward_kernel<grad_t, img_t, uint32_t><<<blocks_for(numel), kThreads, 0, stream>>>(p, numel);
@@ -281,7 +263,7 @@ cudaError_t launch_extract_patches_backward(const ExtractPatchesBackwardParams& 
 cudaError_t launch_fold_patches(const FoldPatchesParams& p, cudaStream_t stream) {
   const int64_t numel = p.shape.batch * p.shape.channels * p.shape.height * p.shape.width;
   if (numel == 0) return cudaSuccess;
-  return dispatch_type(p.type, false, [&](auto tag) {
+  return cuda::dispatch_elem_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
     fold_patches_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(p, numel);
     return cudaGetLastError();
@@ -291,7 +273,7 @@ cudaError_t launch_fold_patches(const FoldPatchesParams& p, cudaStream_t stream)
 cudaError_t launch_fold_patches_backward(const FoldPatchesBackwardParams& p, cudaStream_t stream) {
   const int64_t numel = p.shape.batch * p.shape.nh * p.shape.nw * p.shape.channels;
   if (numel == 0) return cudaSuccess;
-  return dispatch_type(p.type, false, [&](auto tag) {
+  return cuda::dispatch_elem_type<false>(p.type, [&](auto tag) {
     using T = decltype(tag);
     fold_patches_backward_kernel<T><<<blocks_for(numel * kWarp), kThreads, 0, stream>>>(p, numel);
     return cudaGetLastError();

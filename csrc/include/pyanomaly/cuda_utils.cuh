@@ -4,6 +4,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
+#include "pyanomaly/dtype.h"
+
 namespace pyanomaly {
 namespace cuda {
 
@@ -22,6 +26,30 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+// Host side: calls fn(T{}) with T the element type named by t (uint8 only when kAllowUInt8, so
+// floating-only kernels are never instantiated for it) and returns its result; an element type not
+// allowed gives cudaErrorInvalidValue.
+template <bool kAllowUInt8, typename Fn>
+cudaError_t dispatch_elem_type(ElemType t, Fn&& fn) {
+  switch (t) {
+    case ElemType::kUInt8:
+      if constexpr (kAllowUInt8) {
+        return fn(uint8_t{});
+      } else {
+        return cudaErrorInvalidValue;
+      }
+    case ElemType::kHalf:
+      return fn(__half{});
+    case ElemType::kBFloat16:
+      return fn(__nv_bfloat16{});
+    case ElemType::kFloat:
+      return fn(float{});
+    case ElemType::kDouble:
+      return fn(double{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace cuda
 }  // namespace pyanomaly
