@@ -186,14 +186,49 @@ def test_memory_gradients_reach_patterns_and_encoder():
     x = torch.rand(4, 3, 32, 32)
     v1, c1 = simclr_view(x, AugmentConfig(), gen)
     v2, c2 = simclr_view(x, AugmentConfig(), gen)
-    loss, parts = model.contrastive_loss(
-        v1, c1, v2, c2, torch.tensor([True, True, False, True]), sampling_ratios=(0.25, 1.0),
-        scale_weights=(0.5, 1.0), temperature=0.5, variance_weight=1.0, generator=gen,
+    kwargs = dict(sampling_ratios=(0.25, 1.0), scale_weights=(0.5, 1.0), temperature=0.5, variance_weight=1.0)
+    is_normal = torch.tensor([True, True, False, True])
+    state = gen.get_state()
+    other_images, _ = model.contrastive_loss(
+        v1, c1, v2, c2, is_normal, **kwargs, generator=gen, negatives="other_images"
     )
+    gen.set_state(state)
+    loss, parts = model.contrastive_loss(v1, c1, v2, c2, is_normal, **kwargs, generator=gen)
+    assert float(other_images.detach()) < float(loss.detach())  # the same points, fewer negatives
     loss.backward()
     assert parts["variance"] > 0
     assert all(float(m.patterns.grad.abs().sum()) > 0 for m in model.memories)
     assert float(model.encoder.layer1[0].conv1.weight.grad.abs().sum()) > 0
+
+
+def _nt_xent_loop(first, second, temperature, groups):
+    """NT-Xent written anchor by anchor: the negatives are the other rows outside the anchor's group."""
+    z = torch.nn.functional.normalize(torch.cat([first, second]).double(), dim=-1)
+    n = first.shape[0]
+    both = torch.cat([groups, groups])
+    losses = []
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        allowed = [j for j in range(2 * n) if j == positive or both[j] != both[i]]
+        logits = torch.stack([z[i] @ z[j] for j in allowed]) / temperature
+        losses.append(torch.logsumexp(logits, 0) - z[i] @ z[positive] / temperature)
+    return torch.stack(losses).mean()
+
+
+def test_nt_xent_groups_leave_the_same_images_vectors_out_of_the_negatives():
+    torch.manual_seed(0)
+    first, second = torch.randn(6, 5), torch.randn(6, 5)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    expected = _nt_xent_loop(first, second, 0.5, groups)
+    torch.testing.assert_close(nt_xent(first, second, 0.5, groups).double(), expected, rtol=1e-5, atol=1e-6)
+    # one vector per image: the groups change nothing, and the loop is plain SimCLR
+    distinct = torch.arange(6)
+    torch.testing.assert_close(nt_xent(first, second, 0.5, distinct), nt_xent(first, second, 0.5))
+    torch.testing.assert_close(
+        nt_xent(first, second, 0.5).double(), _nt_xent_loop(first, second, 0.5, distinct), rtol=1e-5, atol=1e-6
+    )
+    # masking the same-image negatives lowers the loss (fewer terms in every denominator)
+    assert float(nt_xent(first, second, 0.5, groups)) < float(nt_xent(first, second, 0.5))
 
 
 def test_losses():
@@ -284,6 +319,7 @@ def test_seed_reproducibility_and_input_formats(data):
         ({"augment": {"hue": 0.1}}, "augment"),
         ({"device": "nonsense"}, "device"),
         ({"contamination": 0.7}, "contamination"),
+        ({"negatives": "same_image"}, "negatives"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):

@@ -87,12 +87,21 @@ class MemoryLayer(nn.Module):
         return f"dim={self.dim}, size={self.size}, beta={self.beta:.4g}, max_iter={self.max_iter}"
 
 
-def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    temperature: float,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SimCLR's NT-Xent over a two-view batch (Eq. 4-5): row i of ``first`` and ``second`` pair up.
 
     Args:
         first, second: (N, P) representations of the two branches.
         temperature: tau.
+        groups: optional (N,) ints, the source image of each row. Rows of the anchor's own group
+            (other than its positive) are left out of its denominator, so vectors from other
+            positions of the same image are not used as negatives. None = every other row is a
+            negative (plain SimCLR).
 
     Returns:
         Scalar loss, the mean over the 2N anchors.
@@ -100,8 +109,14 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     n = first.shape[0]
     z = F.normalize(torch.cat([first, second]).float(), dim=-1)
     logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    if groups is None:
+        logits = logits.fill_diagonal_(float("-inf"))
+    else:
+        both = torch.cat([groups, groups]).to(z.device)
+        excluded = both[:, None] == both[None, :]
+        excluded[torch.arange(2 * n, device=z.device), targets] = False
+        logits = logits.masked_fill(excluded, float("-inf"))
     return F.cross_entropy(logits, targets)
 
 
@@ -253,6 +268,7 @@ class AnoMemModel(nn.Module):
         temperature: float,
         variance_weight: float,
         generator: torch.Generator,
+        negatives: str = "all",
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Multi-scale contrasted memory loss (Eq. 7) on a two-view batch.
 
@@ -267,6 +283,8 @@ class AnoMemModel(nn.Module):
             first, second: the two views (B, C, H, W) in [0, 1].
             first_crop, second_crop: where each view was cropped (:func:`augment.simclr_view`).
             is_normal: (B,) bool; memory is applied to normal images only.
+            negatives: "other_images" (vectors of other images only are negatives) or "all"
+                (every other sampled vector of the batch, the same image's other positions too).
 
         Returns:
             (total loss, {"contrastive": ..., "variance": ...} weighted sums as floats).
@@ -285,6 +303,7 @@ class AnoMemModel(nn.Module):
             q1 = memory.normalize(v1)
             q2 = memory.normalize(v2)
             normal_rows = is_normal.repeat_interleave(count)
+            source_image = torch.arange(batch, device=first.device).repeat_interleave(count)
             if bool(normal_rows.any()):
                 recalled = memory.retrieve(q1[normal_rows])
                 q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
@@ -292,7 +311,8 @@ class AnoMemModel(nn.Module):
             else:
                 var = total.new_zeros(())
             projector = self.projectors[s]
-            contrast = nt_xent(projector(q1), projector(q2), temperature)
+            groups = source_image if negatives == "other_images" else None
+            contrast = nt_xent(projector(q1), projector(q2), temperature, groups)
             total = total + scale_weights[s] * (contrast + variance_weight * var)
             contrastive_sum += scale_weights[s] * float(contrast.detach())
             variance_sum += scale_weights[s] * float(var.detach())
