@@ -15,7 +15,8 @@ import pyanomaly.ops
 from pyanomaly import AnoMem
 from pyanomaly.metrics import image_auroc
 from pyanomaly.models.anomem.augment import AugmentConfig, matching_points, simclr_view
-from pyanomaly.models.anomem.torch_model import AnoMemModel, MemoryLayer, double_hinge_loss, nt_xent
+from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss, nt_xent
+from pyanomaly.nn import HopfieldMemory
 from pyanomaly.models.base import Detector
 from pyanomaly.nn.resnet import resnet18, resnet50
 from pyanomaly.protocols import one_vs_all, out_of_distribution, write_table
@@ -139,11 +140,22 @@ def test_matching_points_land_on_the_same_source_pixels():
 
 
 # -- memory layers use the Hopfield op -------------------------------------------------------------
-def test_memory_layer_init_and_parameters():
-    layer = MemoryLayer(64, 1000)
-    assert isinstance(layer.patterns, torch.nn.Parameter) and layer.patterns.shape == (1000, 64)
-    assert abs(float(layer.patterns.detach().std()) - 0.02) < 0.002
-    assert layer.beta == pytest.approx(1 / 8)
+def test_memory_layers_are_normalised_hopfield_memories():
+    model = AnoMemModel(
+        backbone="resnet18", in_channels=3, width=8, small_input=True, scales=(3, 4), memory_sizes=(16, 8),
+        beta=None, hopfield_iters=2, hopfield_tol=1e-4, projection_dim=None, classifier_pool=2,
+        classifier_hidden=8,
+    )
+    for memory, (size, dim) in zip(model.memories, [(16, 32), (8, 64)]):
+        assert isinstance(memory, HopfieldMemory) and memory.normalize
+        assert memory.patterns.shape == (size, dim) and memory.beta == pytest.approx(dim**-0.5)
+        assert memory.max_iter == 2
+    # the parameter names saved models hold (unchanged since the first release of AnoMem)
+    names = {k for k in model.state_dict() if k.startswith("memories.0.")}
+    assert names == {
+        "memories.0.patterns", "memories.0.state_norm.weight", "memories.0.state_norm.bias",
+        "memories.0.pattern_norm.weight", "memories.0.pattern_norm.bias",
+    }
 
 
 def test_memory_layers_call_the_hopfield_op(monkeypatch, data):

@@ -340,6 +340,33 @@ def test_memory_module_sampled_positions():
     assert bool((feature_map.grad.flatten(2).transpose(1, 2)[untouched] == 0).all())
 
 
+def test_memory_module_normalize_layernorms_queries_and_patterns():
+    torch.manual_seed(0)
+    layer = HopfieldMemory(32, 6, beta=0.5, max_iter=3, normalize=True)
+    with torch.no_grad():  # a non-trivial affine, so the test sees which norm goes where
+        layer.state_norm.weight.uniform_(0.5, 1.5)
+        layer.pattern_norm.bias.uniform_(-0.2, 0.2)
+    feature_map = torch.randn(2, 6, 3, 4) * 5 + 2
+    recall = layer(feature_map)
+    vectors = feature_map.permute(0, 2, 3, 1).reshape(-1, 6)
+    states = layer.state_norm(vectors)
+    patterns = layer.pattern_norm(layer.patterns)
+    expected, iterations = hopfield_retrieve_ref(states, patterns, beta=0.5, max_iter=3)
+    torch.testing.assert_close(recall.features.permute(0, 2, 3, 1).reshape(-1, 6), states)
+    torch.testing.assert_close(recall.retrieved.permute(0, 2, 3, 1).reshape(-1, 6), expected)
+    assert torch.equal(recall.iterations.flatten(), iterations)
+    # (N, D) input and the sampled form return the normalised states as their features
+    rows = layer(vectors[:5])
+    torch.testing.assert_close(rows.features, states[:5])
+    sampled = layer(feature_map, sample_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        sampled.features, layer.state_norm(HopfieldMemory.gather_positions(feature_map, sampled.index))
+    )
+    (sampled.features - sampled.retrieved).pow(2).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    assert HopfieldMemory(8, 4).state_norm is None  # off by default
+
+
 def test_memory_module_bad_input():
     layer = HopfieldMemory(8, 4)
     with pytest.raises(ValueError, match="sample_ratio"):

@@ -14,77 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pyanomaly.ops
 from pyanomaly.models.anomem.augment import CropParams, matching_points
+from pyanomaly.nn.hopfield import HopfieldMemory
 from pyanomaly.nn.resnet import ResNet, resnet18, resnet50
 
 __all__ = [
     "AnoMemModel",
-    "MemoryLayer",
     "double_hinge_loss",
     "nt_xent",
     "variance_loss",
 ]
-
-
-class MemoryLayer(nn.Module):
-    """A modern-Hopfield memory with learned stored patterns (hopfield-layers' ``HopfieldLayer``).
-
-    The ``size`` stored patterns are an ``nn.Parameter`` initialised N(0, 0.02) and LayerNorm-ed
-    before use, and queries are LayerNorm-ed too, as in hopfield-layers (``normalize_stored_pattern``
-    and ``normalize_state_pattern`` default on); no projections. Retrieval is
-    :func:`pyanomaly.ops.hopfield_retrieve` (looked up at call time, so the fused kernel is used
-    when built): xi <- softmax(beta xi X^T) X, repeated up to ``max_iter`` times (Eq. 1).
-
-    Args:
-        dim: pattern dimension D (the channels of the encoder scale).
-        size: number of stored patterns M.
-        beta: inverse temperature; None = 1 / sqrt(D), hopfield-layers' default.
-        max_iter: retrieval steps at most (hopfield-layers' ``update_steps_max`` + 1).
-        tol: a query stops once its step moves it by at most ``tol`` (hopfield-layers'
-            ``update_steps_eps``, 1e-4).
-        grad: "unrolled" (gradients through every step, as hopfield-layers) or "last".
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        size: int,
-        *,
-        beta: float | None = None,
-        max_iter: int = 3,
-        tol: float = 1e-4,
-        grad: str = "unrolled",
-    ) -> None:
-        super().__init__()
-        self.dim, self.size = int(dim), int(size)
-        self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(dim)
-        self.max_iter, self.tol, self.grad = int(max_iter), float(tol), grad
-        self.patterns = nn.Parameter(torch.empty(self.size, self.dim).normal_(0.0, 0.02))
-        self.state_norm = nn.LayerNorm(self.dim)
-        self.pattern_norm = nn.LayerNorm(self.dim)
-        self.last_iterations: torch.Tensor | None = None
-
-    def normalize(self, queries: torch.Tensor) -> torch.Tensor:
-        """Raw feature vectors (N, D) -> the state patterns the memory compares (N, D)."""
-        return self.state_norm(queries)
-
-    def retrieve(self, states: torch.Tensor) -> torch.Tensor:
-        """Normalised queries (N, D) -> their recollection from memory (N, D)."""
-        memory = self.pattern_norm(self.patterns)
-        retrieved, iterations = pyanomaly.ops.hopfield_retrieve(
-            states, memory, beta=self.beta, max_iter=self.max_iter, tol=self.tol, grad=self.grad
-        )
-        self.last_iterations = iterations.detach()
-        return retrieved
-
-    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw feature vectors (N, D) -> (normalised queries (N, D), recollections (N, D))."""
-        states = self.normalize(queries)
-        return states, self.retrieve(states)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, size={self.size}, beta={self.beta:.4g}, max_iter={self.max_iter}"
 
 
 def nt_xent(
@@ -175,7 +114,8 @@ class AnoMemModel(nn.Module):
         small_input: CIFAR stem (3x3 stride 1, no max pool) instead of the ImageNet stem.
         scales: encoder stages (1-4) that get a memory layer.
         memory_sizes: stored patterns per scale.
-        beta, hopfield_iters, hopfield_tol: see :class:`MemoryLayer`.
+        beta: the memories' inverse temperature; None = 1 / sqrt(C_s), hopfield-layers' default.
+        hopfield_iters, hopfield_tol: retrieval steps at most and the per-query tolerance.
         projection_dim: output of each scale's SimCLR projection head (Linear-ReLU-Linear); None
             = no head: the (normalised) features and recollections are contrasted directly.
         classifier_pool, classifier_hidden: the semi-supervised scale classifiers.
@@ -206,8 +146,10 @@ class AnoMemModel(nn.Module):
         self.scales = tuple(int(s) for s in scales)
         self.num_stages = max(self.scales)
         dims = [self.encoder.stage_channels[s - 1] for s in self.scales]
+        # hopfield-layers' HopfieldLayer as AnoMem uses it: learned patterns, LayerNorm-ed
+        # queries and patterns, no projections
         self.memories = nn.ModuleList(
-            MemoryLayer(d, m, beta=beta, max_iter=hopfield_iters, tol=hopfield_tol)
+            HopfieldMemory(m, d, beta=beta, max_iter=hopfield_iters, tol=hopfield_tol, normalize=True)
             for d, m in zip(dims, memory_sizes)
         )
         self.projectors = nn.ModuleList(
@@ -237,11 +179,8 @@ class AnoMemModel(nn.Module):
         """
         out = []
         for memory, fmap in zip(self.memories, self.features(images)):
-            b, c, h, w = fmap.shape
-            vectors = fmap.permute(0, 2, 3, 1).reshape(-1, c)
-            states, retrieved = memory(vectors)
-            diff = (states.float() - retrieved.float()).view(b, h, w, c).permute(0, 3, 1, 2)
-            out.append(diff)
+            recall = memory(fmap)
+            out.append(recall.features.float() - recall.retrieved.float())
         return out
 
     def one_class_scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -300,12 +239,12 @@ class AnoMemModel(nn.Module):
             v1 = _sample(fmap[:batch], p1)  # (B * count, C)
             v2 = _sample(fmap[batch:], p2)
             memory = self.memories[s]
-            q1 = memory.normalize(v1)
-            q2 = memory.normalize(v2)
+            q1 = memory.states(v1)
+            q2 = memory.states(v2)
             normal_rows = is_normal.repeat_interleave(count)
             source_image = torch.arange(batch, device=first.device).repeat_interleave(count)
             if bool(normal_rows.any()):
-                recalled = memory.retrieve(q1[normal_rows])
+                recalled, _ = memory.retrieve(q1[normal_rows])
                 q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
                 var = variance_loss(recalled)
             else:
