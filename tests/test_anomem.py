@@ -16,8 +16,8 @@ from pyanomaly import AnoMem
 from pyanomaly.metrics import image_auroc
 from pyanomaly.models.anomem.augment import AugmentConfig, matching_points, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss, nt_xent
-from pyanomaly.nn import HopfieldMemory
 from pyanomaly.models.base import Detector
+from pyanomaly.nn import HopfieldMemory
 from pyanomaly.nn.resnet import resnet18, resnet50
 from pyanomaly.protocols import one_vs_all, out_of_distribution, write_table
 
@@ -237,7 +237,10 @@ def test_nt_xent_groups_leave_the_same_images_vectors_out_of_the_negatives():
     distinct = torch.arange(6)
     torch.testing.assert_close(nt_xent(first, second, 0.5, distinct), nt_xent(first, second, 0.5))
     torch.testing.assert_close(
-        nt_xent(first, second, 0.5).double(), _nt_xent_loop(first, second, 0.5, distinct), rtol=1e-5, atol=1e-6
+        nt_xent(first, second, 0.5).double(),
+        _nt_xent_loop(first, second, 0.5, distinct),
+        rtol=1e-5,
+        atol=1e-6,
     )
     # masking the same-image negatives lowers the loss (fewer terms in every denominator)
     assert float(nt_xent(first, second, 0.5, groups)) < float(nt_xent(first, second, 0.5))

@@ -120,7 +120,8 @@ class HopfieldMemory(nn.Module):
         """Vectors of a (B, C, H, W) map at flat positions ``index`` (B, K) -> (B, K, C)."""
         batch, channels = feature_map.shape[:2]
         flat = feature_map.reshape(batch, channels, -1)
-        return torch.gather(flat, 2, index[:, None, :].expand(batch, channels, index.shape[1])).transpose(1, 2)
+        positions = index[:, None, :].expand(batch, channels, index.shape[1])
+        return torch.gather(flat, 2, positions).transpose(1, 2)
 
     def forward(
         self,
@@ -166,7 +167,8 @@ class HopfieldMemory(nn.Module):
                 return rows.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
             state_map = to_map(states) if self.normalize else features
-            return HopfieldRecall(state_map, to_map(retrieved), iterations.reshape(batch, height, width), None)
+            iterations = iterations.reshape(batch, height, width)
+            return HopfieldRecall(state_map, to_map(retrieved), iterations, None)
         positions = height * width
         count = max(1, round(sample_ratio * positions))
         noise = torch.rand(batch, positions, generator=generator, device=features.device)
