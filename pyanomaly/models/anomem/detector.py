@@ -69,8 +69,7 @@ class AnoMem(Detector):
         negatives: which sampled vectors are an anchor's negatives in NT-Xent. "all" (default):
             every other vector of the two-view batch, the other positions of the same image too,
             as Eq. 5 reads ("any representation inside the multi-view batch"); "other_images":
-            vectors of other images only. On CIFAR-10 (automobile, 1000 images, 15 epochs, 1/4
-            width) "other_images" was no better: last-scale AUROC 54.1 against 58.7.
+            vectors of other images only (no better in a small CIFAR-10 check, results/anomem.md).
         epochs: stage-1 epochs (value lost; SimCLR-style runs use hundreds).
         batch_size: stage-1 batch (value lost); 256, SimCLR's CIFAR setting without LARS.
         lr, momentum, weight_decay: SGD with Nesterov momentum and a cosine schedule (paper Sec.
