@@ -380,14 +380,10 @@ class AnoMem(Detector):
     @torch.no_grad()
     def _pooled_deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per scale, the deviation maps average-pooled to ``classifier_pool`` (N, C_s, p, p), on device."""
-        model = self.model_
-        model.eval()
         chunks: list[list[torch.Tensor]] = [[] for _ in self.scales]
-        for start in range(0, images.shape[0], self.eval_batch_size):
-            x = images[start : start + self.eval_batch_size].to(self.device)
-            with self._autocast():
-                for s, d in enumerate(model.deviations(x)):
-                    chunks[s].append(F.adaptive_avg_pool2d(d.float(), self.classifier_pool))
+        for _, deviations in self._deviation_batches(images):
+            for s, d in enumerate(deviations):
+                chunks[s].append(F.adaptive_avg_pool2d(d.float(), self.classifier_pool))
         return [torch.cat(c) for c in chunks]
 
     def _train_classifiers(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor) -> None:
@@ -453,23 +449,33 @@ class AnoMem(Detector):
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _scale_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def _deviation_batches(self, images: torch.Tensor):
+        """Yields (batch on the device, its per-scale deviation maps), ``eval_batch_size`` at a time."""
         model = self.model_
         model.eval()
-        out = []
         for start in range(0, images.shape[0], self.eval_batch_size):
-            x = images[start : start + self.eval_batch_size].to(self.device)
+            batch = images[start : start + self.eval_batch_size].to(self.device)
             with self._autocast():
-                if self.semi_supervised_:
-                    scores = model.classifier_scores(x)
-                else:
-                    scores = model.one_class_scores(x)
-            out.append(scores.float().cpu())
-        return torch.cat(out)
+                yield batch, model.deviations(batch)
+
+    @torch.no_grad()
+    def _scores_of(self, deviations: list[torch.Tensor]) -> torch.Tensor:
+        """Per-scale scores (B, S) of one batch's deviation maps, one-class or classifier."""
+        with self._autocast():
+            if self.semi_supervised_:
+                return self.model_.classifier_scores(deviations).float()
+            return self.model_.one_class_scores(deviations).float()
+
+    def _scale_scores(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._scores_of(d).cpu() for _, d in self._deviation_batches(images)])
+
+    def _weighted_sum(self, scale_scores: torch.Tensor) -> np.ndarray:
+        """(N, S) per-scale scores -> (N,) float64 anomaly scores (Eq. 13)."""
+        weights = torch.tensor(self.weights_, dtype=torch.float32)
+        return (scale_scores * weights).sum(dim=1).double().numpy()
 
     def _score(self, images: torch.Tensor) -> np.ndarray:
-        weights = torch.tensor(self.weights_, dtype=torch.float32)
-        return (self._scale_scores(images) * weights).sum(dim=1).double().numpy()
+        return self._weighted_sum(self._scale_scores(images))
 
     def scale_scores(self, images) -> np.ndarray:
         """Per-scale anomaly scores (N, S) before the weighted sum (Eq. 9 or 10)."""
@@ -494,20 +500,16 @@ class AnoMem(Detector):
         self._check_model()
         sizes = _sizes(images)
         x = self._images(images, "images", fitted=True)
-        scores = self._score(x)
-        model = self.model_
-        model.eval()
-        maps = []
-        for start in range(0, x.shape[0], self.eval_batch_size):
-            batch = x[start : start + self.eval_batch_size].to(self.device)
-            with self._autocast():
-                deviations = model.deviations(batch)
+        scale_scores, maps = [], []
+        for batch, deviations in self._deviation_batches(x):  # one pass gives scores and maps
+            scale_scores.append(self._scores_of(deviations).cpu())
             total = torch.zeros(batch.shape[0], 1, *batch.shape[-2:], device=self.device)
             for weight, d in zip(self.weights_, deviations):
                 norm = d.float().norm(dim=1, keepdim=True)
                 up = F.interpolate(norm, size=batch.shape[-2:], mode="bilinear", align_corners=False)
                 total += weight * up
             maps.extend(total[:, 0].cpu())
+        scores = self._weighted_sum(torch.cat(scale_scores))
         out = []
         for i, amap in enumerate(maps):
             target = sizes[i] if sizes is not None else tuple(amap.shape)

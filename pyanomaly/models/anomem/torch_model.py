@@ -183,15 +183,13 @@ class AnoMemModel(nn.Module):
             out.append(recall.features.float() - recall.retrieved.float())
         return out
 
-    def one_class_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-scale one-class scores ||D_s|| (Eq. 9): (B, S)."""
-        return torch.stack([d.flatten(1).norm(dim=1) for d in self.deviations(images)], dim=1)
+    def one_class_scores(self, deviations: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-scale one-class scores ||D_s|| (Eq. 9) of :meth:`deviations`' maps: (B, S)."""
+        return torch.stack([d.flatten(1).norm(dim=1) for d in deviations], dim=1)
 
-    def classifier_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def classifier_scores(self, deviations: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-scale anomaly distances of the semi-supervised classifiers (Eq. 10): (B, S)."""
-        return torch.stack(
-            [clf(d).float() for clf, d in zip(self.classifiers, self.deviations(images))], dim=1
-        )
+        return torch.stack([clf(d).float() for clf, d in zip(self.classifiers, deviations)], dim=1)
 
     # -- stage 1 ------------------------------------------------------------------------------
     def contrastive_loss(
