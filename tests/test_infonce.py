@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -209,6 +210,22 @@ def test_logits_around_1e4_do_not_overflow(dtype):
     atol = 1e-8 if dtype == torch.float64 else 2e-2
     for a, e in zip(got, expected):
         torch.testing.assert_close(a.double(), e, atol=atol * max(1.0, e.abs().amax().item()), rtol=1e-4)
+
+
+def test_no_epsilon_unlike_greedy_infomax():
+    """Greedy InfoMax: softmax, then -log(p_0 + 1e-11), capped at 25.3; ours is -log p_0 (docstring)."""
+    queries, positives, bank, neg_idx = make_inputs(64, 8, 16, 32, torch.float64, seed=5, scale=3.0)
+    queries[0] = -10 * positives[0]  # a positive far less likely than every negative: loss >> 25.3
+    loss = infonce(queries, positives, bank, neg_idx)
+    logits = torch.cat(
+        [(queries * positives).sum(1, keepdim=True), torch.einsum("nd,nkd->nk", queries, bank[neg_idx])], dim=1
+    )
+    greedy_infomax = -torch.log(torch.softmax(logits, dim=1)[:, 0] + 1e-11)
+    assert float(loss[0]) > 100 and float(greedy_infomax[0]) == pytest.approx(-math.log(1e-11))
+    torch.testing.assert_close(-torch.log(torch.exp(-loss) + 1e-11), greedy_infomax, rtol=0, atol=1e-13)
+    q = queries.clone().requires_grad_(True)
+    grad = torch.autograd.grad(infonce(q, positives, bank, neg_idx)[0], q)[0]
+    assert float(grad[0].abs().max()) > 1.0  # Greedy InfoMax's gradient vanishes there
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,6 +1,8 @@
-// CPU kernels of the Hopfield retrieval: blocks of queries run in parallel; each block tiles the
-// memory with an online softmax (BLAS matmuls on a (block, tile) scratch), so no (N, M) matrix is
-// ever held. The backward recomputes the probabilities tile by tile from the saved logsumexp.
+// CPU kernels of the Hopfield retrieval: blocks of queries run in parallel, each with the plain loop's
+// arithmetic (BLAS matmuls and softmax on a (block, M) scratch per thread), so no (N, M) matrix is ever
+// held. The backward recomputes each step's softmax from the saved state the same way and applies the
+// plain softmax backward: a saturated step then gives the plain loop's exact zero state gradient, not
+// rounding noise that the soft steps before it would amplify (issue 12).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,9 +22,14 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kQueryBlock = 64;    // queries per block (rows of the scratch)
-constexpr int64_t kMemoryTile = 512;   // stored patterns per tile (columns of the scratch)
 constexpr int64_t kGradPartials = 8;   // fixed number of grad_memory partial sums (deterministic)
+constexpr int64_t kBlockScratch = int64_t{1} << 18;  // elements of one (block, M) scratch matrix
+
+// Queries per block: the (block, M) logits, probabilities and their gradient stay near kBlockScratch
+// elements each (per thread; never (N, M)). Depends on M only, so results are deterministic.
+int64_t block_rows_for(int64_t num_patterns) {
+  return std::clamp<int64_t>(kBlockScratch / num_patterns, 32, 256);
+}
 
 enum class SaveMode { kNone, kLast, kUnrolled };
 
@@ -47,26 +54,11 @@ Tensor rows_where(const std::vector<int64_t>& rows) {
   return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
 }
 
-// One update of the rows `x` (Na, D): returns (new state (Na, D), logsumexp (Na,)).
+// One update of the rows `x` (Na, D), the plain loop's arithmetic on a (Na, M) scratch:
+// returns (new state softmax(beta x X^T) X (Na, D), logsumexp of the logits (Na,)).
 std::tuple<Tensor, Tensor> update_rows(const Tensor& x, const Tensor& memory, double beta) {
-  const int64_t num_patterns = memory.size(0);
-  const auto options = x.options();
-  Tensor row_max = at::full({x.size(0)}, -std::numeric_limits<double>::infinity(), options);
-  Tensor row_sum = at::zeros({x.size(0)}, options);
-  Tensor acc = at::zeros_like(x);
-  for (int64_t j0 = 0; j0 < num_patterns; j0 += kMemoryTile) {
-    const Tensor tile = memory.narrow(0, j0, std::min(kMemoryTile, num_patterns - j0));
-    Tensor scores = at::mm(x, tile.t());
-    scores.mul_(beta);
-    const Tensor new_max = at::maximum(row_max, std::get<0>(scores.max(1)));
-    scores.sub_(new_max.unsqueeze(1)).exp_();
-    const Tensor rescale = (row_max - new_max).exp_();  // 0 on the first tile (row_max = -inf)
-    row_sum.mul_(rescale).add_(scores.sum(1));
-    acc.mul_(rescale.unsqueeze(1)).addmm_(scores, tile);
-    row_max = new_max;
-  }
-  acc.div_(row_sum.unsqueeze(1));
-  return {acc, row_max.add_(row_sum.log())};
+  const Tensor logits = at::mm(x * beta, memory.t());
+  return {at::mm(at::_softmax(logits, 1, false), memory), at::logsumexp(logits, {1})};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& queries_in, const Tensor& memory_in,
@@ -87,11 +79,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
   if (save == SaveMode::kUnrolled) lse.fill_(std::numeric_limits<double>::infinity());
   int32_t* iterations_ptr = iterations.data_ptr<int32_t>();
 
-  const int64_t num_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
+  const int64_t block_rows = block_rows_for(memory.size(0));
+  const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch guards are thread-local
     for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t n0 = block * kQueryBlock, rows = std::min(kQueryBlock, num_queries - n0);
+      const int64_t n0 = block * block_rows, rows = std::min(block_rows, num_queries - n0);
       Tensor state = queries.narrow(0, n0, rows).clone();
       Tensor previous = save == SaveMode::kLast ? states[0].narrow(0, n0, rows) : Tensor();
       if (save == SaveMode::kUnrolled) states[0].narrow(0, n0, rows).copy_(state);
@@ -167,14 +160,14 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Tensor memory = memory_in.contiguous();
   const Tensor states = states_in.contiguous();
-  const Tensor lse = lse_in.contiguous();
   const Tensor iterations = iterations_in.contiguous();
   const Tensor grad = grad_retrieved.to(memory.scalar_type()).contiguous();
   const int32_t* iterations_ptr = iterations.data_ptr<int32_t>();
   const int64_t num_patterns = memory.size(0);
 
   Tensor grad_queries_out = at::zeros({num_queries, dim}, memory.options());
-  const int64_t num_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
+  const int64_t block_rows = block_rows_for(num_patterns);
+  const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   const int64_t partials = std::max<int64_t>(1, std::min(kGradPartials, num_blocks));
   Tensor grad_memory_partial = at::zeros({grad_memory ? partials : 0, num_patterns, dim}, memory.options());
   if (num_queries == 0 || (!grad_queries && !grad_memory)) {
@@ -187,7 +180,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
     for (int64_t part = part_begin; part < part_end; ++part) {
       Tensor grad_memory_acc = grad_memory ? grad_memory_partial[part] : Tensor();
       for (int64_t block = part * num_blocks / partials; block < (part + 1) * num_blocks / partials; ++block) {
-        const int64_t n0 = block * kQueryBlock, rows = std::min(kQueryBlock, num_queries - n0);
+        const int64_t n0 = block * block_rows, rows = std::min(block_rows, num_queries - n0);
         Tensor g = grad.narrow(0, n0, rows).clone();
         for (int64_t step = saved_steps - 1; step >= 0; --step) {
           const bool need_grad_state = grad_queries || step > 0;
@@ -200,27 +193,17 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
           const Tensor index = all ? Tensor() : rows_where(active_rows);
           auto pick = [&](const Tensor& t) { return all ? t : t.index_select(0, index); };
           const Tensor x = pick(states[step].narrow(0, n0, rows));
-          const Tensor y = pick(states[step + 1].narrow(0, n0, rows));
-          const Tensor row_lse = pick(lse[step].narrow(0, n0, rows)).unsqueeze(1);
           const Tensor g_rows = pick(g);
-          const Tensor g_dot_y = (g_rows * y).sum(1, /*keepdim=*/true);
-          Tensor grad_x = need_grad_state ? at::zeros_like(x) : Tensor();
-          for (int64_t j0 = 0; j0 < num_patterns; j0 += kMemoryTile) {
-            const int64_t cols = std::min(kMemoryTile, num_patterns - j0);
-            const Tensor tile = memory.narrow(0, j0, cols);
-            Tensor prob = at::mm(x, tile.t());
-            prob.mul_(beta).sub_(row_lse).exp_();
-            Tensor dscore = at::mm(g_rows, tile.t());  // dL/dp, then dL/d(logit) / beta
-            dscore.sub_(g_dot_y).mul_(prob);
-            if (need_grad_state) grad_x.addmm_(dscore, tile);
-            if (grad_memory) {
-              Tensor grad_tile = grad_memory_acc.narrow(0, j0, cols);
-              grad_tile.addmm_(prob.t(), g_rows);
-              grad_tile.addmm_(dscore.t(), x, 1.0, beta);
-            }
+          // The plain loop's softmax and softmax backward on the block, recomputed from the saved
+          // state: P normalised from these very logits, dS = P * (dP - sum(P * dP)).
+          const Tensor prob = at::_softmax(at::mm(x * beta, memory.t()), 1, false);
+          const Tensor dscore = at::_softmax_backward_data(at::mm(g_rows, memory.t()), prob, 1, prob.scalar_type());
+          if (grad_memory) {
+            grad_memory_acc.addmm_(prob.t(), g_rows);
+            grad_memory_acc.addmm_(dscore.t(), x, 1.0, beta);
           }
           if (need_grad_state) {
-            grad_x.mul_(beta);
+            const Tensor grad_x = at::mm(dscore, memory).mul_(beta);
             all ? g.copy_(grad_x) : g.index_copy_(0, index, grad_x);
           }
         }

@@ -33,8 +33,8 @@ struct Shared {
   float* scratch;
   float* probs;    // (64, kLd) P or dS, row-major: [block row][tile row]
   float* probs2;   // second one (memory gradient) or null
-  float* row_a;    // per block row: alpha (forward), lse (backward)
-  float* row_b;    // per block row: <g, y> (backward)
+  float* row_a;    // per block row: alpha (forward), the backward's lse (backward)
+  float* row_b;    // per block row: sum_j P_j <g, X_j> (backward)
   int* row_active;
 };
 
@@ -44,6 +44,10 @@ constexpr int kScratchFloats = (4 * kDepthFloats > kTileFloats) ? 4 * kDepthFloa
 __device__ __forceinline__ int tile_extent(int64_t remaining) { return remaining < 64 ? static_cast<int>(remaining) : 64; }
 
 __device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
+
+// beta * logit, rounded on its own (never fused into the subtraction that follows), so the statistics
+// and the gradient kernels see the very same scaled logits.
+__device__ __forceinline__ float scaled_logit(float logit, float beta) { return __fmul_rn(logit, beta); }
 
 __host__ __device__ constexpr size_t shared_bytes(int prob_tiles) {
   return sizeof(float) * (kScratchFloats + prob_tiles * kTileFloats + 2 * kRows) + sizeof(int) * kRows;
@@ -271,20 +275,64 @@ __device__ __forceinline__ bool row_takes_step(const HopfieldBackwardStepParams&
   return !p.unrolled || p.step < p.iterations[n];
 }
 
-// grad_dot[n] = <grad_in[n], state_out[n]>: one warp per row.
-__global__ void __launch_bounds__(kThreads) grad_dot_kernel(HopfieldBackwardStepParams p) {
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (n >= p.num_queries) return;
-  const int lane = threadIdx.x % 32;
-  float sum = 0.f;
-  for (int64_t d = lane; d < p.dim; d += 32) sum = fmaf(p.grad_in[n * p.dim + d], p.state_out[n * p.dim + d], sum);
+// The backward's own softmax statistics of one step, from the same tile products (bit for bit) as
+// the two gradient kernels below: row_lse[n] = logsumexp_j(beta x_n X_j) and
+// grad_dot[n] = sum_j P_nj <g_n, X_j> with P normalised from these logits. The plain loop's softmax
+// backward, so a saturated row (P one-hot) gets exactly dS = 0 (the forward's saved lse and
+// <g, y> would leave rounding noise there that earlier soft steps amplify by orders of magnitude).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_stats_kernel(HopfieldBackwardStepParams p) {
+  extern __shared__ float4 shared_raw[];
+  const Shared s = carve_shared(reinterpret_cast<float*>(shared_raw), 0);
+  const T* memory = static_cast<const T*>(p.memory);
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int rows = tile_extent(p.num_queries - q0);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  int active = 0;
+  if (threadIdx.x < kRows) active = threadIdx.x < rows && row_takes_step(p, q0 + threadIdx.x);
+  if (!__syncthreads_or(active)) return;  // uniform: nothing here takes this step
+
+  float running_max[4], running_sum[4], running_dot[4];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) p.grad_dot[n] = sum;
+  for (int i = 0; i < 4; ++i) running_max[i] = -infinity(), running_sum[i] = 0.f, running_dot[i] = 0.f;
+  for (int64_t j0 = 0; j0 < p.num_patterns; j0 += kCols) {
+    const int cols = tile_extent(p.num_patterns - j0);
+    float logits[4][4], dprob[4][4];
+    tile_products<true>(p.state_in, memory, p.grad_in, memory, q0, rows, j0, cols, p.dim, s.scratch, logits, dprob);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float tile_max = -infinity();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        logits[i][j] = (tx * 4 + j < cols) ? scaled_logit(logits[i][j], p.beta) : -infinity();
+        tile_max = fmaxf(tile_max, logits[i][j]);
+      }
+      const float new_max = fmaxf(running_max[i], row_max(tile_max));  // finite: the tile has a column
+      float tile_sum = 0.f, tile_dot = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float e = expf(logits[i][j] - new_max);  // 0 for padded columns
+        tile_sum += e;
+        tile_dot = fmaf(e, dprob[i][j], tile_dot);
+      }
+      const float rescale = expf(running_max[i] - new_max);  // 0 on the first tile
+      running_sum[i] = running_sum[i] * rescale + row_sum(tile_sum);
+      running_dot[i] = running_dot[i] * rescale + row_sum(tile_dot);
+      running_max[i] = new_max;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = ty * 4 + i;
+    if (tx == 0 && r < rows) {
+      p.row_lse[q0 + r] = running_max[i] + logf(running_sum[i]);
+      p.grad_dot[q0 + r] = running_dot[i] / running_sum[i];
+    }
+  }
 }
 
 // grad_out[n] = beta * sum_j dS_nj X_j for rows that took this step, grad_in[n] for the others, with
-// P = exp(beta x X^T - lse) and dS = P * (g X^T - <g, y>).
+// P = exp(beta x X^T - row_lse) and dS = P * (g X^T - grad_dot) (statistics from backward_stats_kernel).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_state_kernel(HopfieldBackwardStepParams p) {
   extern __shared__ float4 shared_raw[];
@@ -299,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) grad_state_kernel(HopfieldBackwardSt
   if (threadIdx.x < kRows) {
     active = threadIdx.x < rows && row_takes_step(p, q0 + threadIdx.x);
     s.row_active[threadIdx.x] = active;
-    s.row_a[threadIdx.x] = active ? p.lse[q0 + threadIdx.x] : infinity();  // +inf lse: P = 0
+    s.row_a[threadIdx.x] = active ? p.row_lse[q0 + threadIdx.x] : infinity();  // +inf lse: P = 0
     s.row_b[threadIdx.x] = active ? p.grad_dot[q0 + threadIdx.x] : 0.f;
   }
   if (!__syncthreads_or(active)) {  // the gradient passes straight through rows that did not update
@@ -316,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) grad_state_kernel(HopfieldBackwardSt
       const int r = ty * 4 + i;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float prob = (tx * 4 + j < cols) ? expf(logits[i][j] * p.beta - s.row_a[r]) : 0.f;
+        const float prob = (tx * 4 + j < cols) ? expf(scaled_logit(logits[i][j], p.beta) - s.row_a[r]) : 0.f;
         s.probs[r * kLd + tx * 4 + j] = p.beta * prob * (dprob[i][j] - s.row_b[r]);
       }
     }
@@ -354,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) grad_memory_kernel(HopfieldBackwardS
     if (threadIdx.x < kCols) {
       active = threadIdx.x < queries && row_takes_step(p, q0 + threadIdx.x);
       s.row_active[threadIdx.x] = active;
-      s.row_a[threadIdx.x] = active ? p.lse[q0 + threadIdx.x] : infinity();
+      s.row_a[threadIdx.x] = active ? p.row_lse[q0 + threadIdx.x] : infinity();
       s.row_b[threadIdx.x] = active ? p.grad_dot[q0 + threadIdx.x] : 0.f;
     }
     if (!__syncthreads_or(active)) continue;  // uniform: the whole block skips
@@ -368,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) grad_memory_kernel(HopfieldBackwardS
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int q = tx * 4 + j;
-        const float prob = (m < patterns) ? expf(logits[i][j] * p.beta - s.row_a[q]) : 0.f;
+        const float prob = (m < patterns) ? expf(scaled_logit(logits[i][j], p.beta) - s.row_a[q]) : 0.f;
         s.probs[m * kLd + q] = prob;
         s.probs2[m * kLd + q] = p.beta * prob * (dprob[i][j] - s.row_b[q]);
       }
@@ -401,8 +449,12 @@ cudaError_t forward_step(const HopfieldForwardStepParams& p, cudaStream_t stream
 
 template <typename T>
 cudaError_t backward_step(const HopfieldBackwardStepParams& p, cudaStream_t stream) {
-  grad_dot_kernel<<<cuda::ceil_div(p.num_queries, kThreads / 32), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  const size_t stats_shared = shared_bytes(0);
+  cudaError_t err = cudaFuncSetAttribute(backward_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(stats_shared));
+  if (err != cudaSuccess) return err;
+  backward_stats_kernel<T><<<cuda::ceil_div(p.num_queries, kRows), kThreads, stats_shared, stream>>>(p);
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (p.grad_memory_partial) {
     const size_t shared = shared_bytes(2);

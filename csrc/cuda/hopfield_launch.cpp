@@ -113,7 +113,6 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Tensor memory = memory_in.contiguous();
   const Tensor states = states_in.contiguous();
-  const Tensor lse = lse_in.contiguous();
   const Tensor iterations = iterations_in.contiguous();
   const auto fp32 = memory.options().dtype(at::kFloat);
 
@@ -128,12 +127,13 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
   Tensor partial = grad_memory ? at::zeros({splits, num_patterns, dim}, fp32) : Tensor();
   Tensor grads = at::empty({2, num_queries, dim}, fp32);  // dL/d(state after), dL/d(state before): take turns
   grads[0].copy_(grad_retrieved);
-  Tensor grad_dot = at::empty({num_queries}, fp32);
+  Tensor row_stats = at::empty({2, num_queries}, fp32);  // the backward's lse and sum_j P_j <g, X_j>
 
   HopfieldBackwardStepParams params;
   params.memory = memory.data_ptr();
   params.memory_type = memory_type;
-  params.grad_dot = grad_dot.data_ptr<float>();
+  params.row_lse = row_stats[0].data_ptr<float>();
+  params.grad_dot = row_stats[1].data_ptr<float>();
   params.grad_memory_partial = grad_memory ? partial.data_ptr<float>() : nullptr;
   params.iterations = iterations.data_ptr<int32_t>();
   params.unrolled = unrolled;
@@ -149,8 +149,6 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
     if (!need_grad_state && !grad_memory) break;
     params.step = step;
     params.state_in = states[step].data_ptr<float>();
-    params.state_out = states[step + 1].data_ptr<float>();
-    params.lse = lse[step].data_ptr<float>();
     params.grad_in = grads[current].data_ptr<float>();
     params.grad_out = need_grad_state ? grads[1 - current].data_ptr<float>() : nullptr;
     check_launch(launch_hopfield_backward_step(params, stream), "pyanomaly::hopfield_retrieve_backward");

@@ -2,11 +2,14 @@
 
 Each query iterates xi <- softmax(beta * xi X^T) X over the stored patterns X until it stops moving.
 
-The fused op never holds an (N, M) matrix: the forward tiles the memory with an online softmax
-(state and softmax statistics in fp32 for half-precision input) and saves only the per-step states
+The fused op never holds an (N, M) matrix: the CPU kernel works on blocks of queries with a
+(block, M) scratch per thread, the CUDA kernel tiles the memory with an online softmax (state and
+softmax statistics in fp32 for half-precision input). It saves only the per-step states
 (O(N * D * iterations), and only when a gradient is needed) and per-row logsumexps; the backward
-recomputes the probabilities tile by tile. Each query stops on its own and the iteration counts come
-back as a tensor, so nothing syncs with the host.
+recomputes each step's softmax from the saved state and normalises it itself (the logsumexp output is
+kept for the op's schema, not used), so a saturated step's state gradient is the plain loop's exact
+zero, not rounding noise that earlier soft steps would amplify. Each query stops on its own and the
+iteration counts come back as a tensor, so nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -140,10 +143,12 @@ def hopfield_retrieve(
     the softmax statistics stay in fp32). Inputs with NaN or infinite values raise a ValueError (the
     check is skipped while torch.compile traces).
 
-    Numerics: the backward recomputes the probabilities from the saved logsumexp (FlashAttention's
-    trade-off). With a saturated softmax (beta * |logits| >> 1) the float32 gradient error therefore
-    grows roughly like beta * eps * |logits| (about 2.5e-6 * beta relative in the tests at beta =
-    100..1000); the forward and the iteration counts are unaffected, and everything stays finite.
+    Numerics: for every beta, saturating trajectories included, the CPU float32 gradients are within
+    2x of the plain float32 loop's error against a float64 truth (the same arithmetic per block:
+    measured 1.0x over the sweep of beta in {1/sqrt(D), 1, 2, 8, 32}, 1..6 steps, D in {64, 256},
+    M in {64, 1024}). The CUDA backward uses the same recomputed, self-normalised softmax; its sweep
+    (fp32/bf16/fp16, at most 4x the plain same-dtype loop) is a CUDA-marked test not yet run on a GPU. Before that fix the backward used the forward's logsumexp and <g, y>; a
+    saturated last step then left ~1e-5 of rounding noise that soft steps before it amplified to O(1).
     """
     _check_args(queries, memory, beta, max_iter, tol, grad)
     if not _ext.has_kernels(queries.device):

@@ -27,16 +27,16 @@ struct HopfieldForwardStepParams {
   float tol = 0.f;                  // stop when ||new - old|| <= tol; 0 never stops early
 };
 
-// The backward of one saved step: x = state_in, y = state_out = softmax(beta x X^T) X, g = dL/dy.
+// The backward of one saved step: x = state_in, y = softmax(beta x X^T) X, g = dL/dy. The step's
+// softmax is recomputed from x (its statistics first, by the step's first kernel).
 struct HopfieldBackwardStepParams {
   const void* memory = nullptr;  // (M, D) contiguous, ElemType
   ElemType memory_type = ElemType::kFloat;
   const float* state_in = nullptr;   // (N, D)
-  const float* state_out = nullptr;  // (N, D)
-  const float* lse = nullptr;        // (N,)
-  const float* grad_in = nullptr;    // (N, D) dL/d state_out
+  const float* grad_in = nullptr;    // (N, D) dL/dy
   float* grad_out = nullptr;         // (N, D) dL/d state_in (may be null: not needed); != grad_in
-  float* grad_dot = nullptr;         // (N,) scratch: <grad_in, state_out> per row
+  float* row_lse = nullptr;          // (N,) scratch: logsumexp of the recomputed logits per row
+  float* grad_dot = nullptr;         // (N,) scratch: sum_j P_j <g, X_j> per row
   float* grad_memory_partial = nullptr;  // (splits, M, D) accumulated (+=) or null: not needed
   int32_t* iterations = nullptr;     // (N,) updates each query took
   int64_t step = 0;                  // this step's index: row n is active when unrolled ? step < it[n] : true
