@@ -287,10 +287,17 @@ def measure(case: Case, device: str, scale: str, seed: int = 0) -> dict:
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < max_rep and (len(times) < min_rep or time.perf_counter() - start < budget):
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
+            if dev.type == "cuda":  # CUDA events around the call: device time, no host-side jitter
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
         result["times_s"] = times
         result["median_s"] = statistics.median(times)
         if dev.type == "cuda":

@@ -1,0 +1,127 @@
+"""CPC-AD study on MVTec-layout sets: one JSON line per (setting, seed) run, appended as it ends.
+
+Each run fits ``CPCAD(**BASE, **SETTINGS[name])`` on ``<root>/<set>/train/good``, scores the test
+split once and records image AUROC for several top-k poolings (from the same sub-patch scores),
+pixel AUROC and AUPRO at 256 x 256 (maps bilinear, masks nearest), per-defect numbers, the loss
+curve, fit and score wall time and the load average. The no-learning floors are in ``floors.py``.
+
+Run: ``python results/cpcad_study.py --root ../shared/data/mvtec_format --set magnetic_tile
+--settings base,e300 --seeds 0,1,2 --out results/cpcad_study.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pyanomaly import CPCAD
+from pyanomaly.data import MVTecDataset, resize_masks
+from pyanomaly.metrics import aupro, image_auroc, pixel_auroc
+
+EVAL_SIZE = 256
+TOP_KS = (1, 0.01, 0.02, 0.05, 0.1, 1.0)
+
+#: results/cpcad.md's reduced config (128 px, 7x7 windows of 16 px sub-patches at stride 8).
+BASE = dict(
+    image_size=128, patch_size=64, patch_stride=32, sub_size=16, sub_stride=8, layout="grid",
+    stem="fast", widths=(32, 64, 128), blocks=(1, 1, 1), shared_encoder=True, prediction_steps=3,
+    batch_size=16, lr=1e-3, epochs=60, verbose=False,
+)
+
+SETTINGS: dict[str, dict] = {
+    "base": {},
+    "e150": {"epochs": 150},
+    "e300": {"epochs": 300},
+    "gim_stem": {"stem": "gim"},
+    "wide": {"widths": (64, 128, 256)},
+    "blocks2": {"blocks": (2, 2, 2)},
+    "four_encoders": {"shared_encoder": False},
+    "k1": {"prediction_steps": 1},
+    "k5": {"prediction_steps": 5},
+    "crop1": {"crop_fraction": 1.0},
+    "crop05": {"crop_fraction": 0.5},
+    "lr3e-4": {"lr": 3e-4},
+    "lr3e-3": {"lr": 3e-3},
+    "px256": {"image_size": 256, "patch_size": 128, "patch_stride": 64, "sub_size": 32, "sub_stride": 16},
+    "px384": {"image_size": 384, "patch_size": 192, "patch_stride": 96, "sub_size": 48, "sub_stride": 24},
+    "draws1": {"test_draws": 1},
+    "draws32": {"test_draws": 32},
+}
+
+
+def evaluate(detector: CPCAD, samples) -> dict:
+    images = [s.image for s in samples]
+    labels = np.array([s.label for s in samples])
+    defects = [s.defect_type for s in samples]
+    grid = detector.subpatch_scores(images)
+    maps = detector.maps_from(grid, [tuple(x.shape[1:]) for x in images])
+    pix = np.stack([F.interpolate(torch.from_numpy(m)[None, None], size=(EVAL_SIZE,) * 2, mode="bilinear")[0, 0].numpy()
+                    for m in maps])
+    masks = resize_masks([s.mask for s in samples], (EVAL_SIZE, EVAL_SIZE)).numpy()
+    flat = grid.reshape(grid.shape[0], -1)
+    out: dict = {"image_auroc_topk": {}}
+    for k in TOP_KS:
+        count = k if isinstance(k, int) else max(1, round(k * flat.shape[1]))
+        scores = flat.topk(count, dim=1).values.mean(1).numpy()
+        out["image_auroc_topk"][str(k)] = image_auroc(labels, scores)
+    scores = detector.image_scores_from(grid)
+    out["image_auroc"] = image_auroc(labels, scores)
+    out["pixel_auroc"] = pixel_auroc(masks, pix) if masks.any() else None
+    out["aupro"] = aupro(masks, pix) if masks.any() else None
+    good = [i for i, d in enumerate(defects) if d == "good"]
+    out["per_defect"] = {}
+    for defect in sorted(set(defects) - {"good"}):
+        index = np.array(good + [i for i, d in enumerate(defects) if d == defect])
+        bad = np.array([i for i, d in enumerate(defects) if d == defect])
+        out["per_defect"][defect] = {
+            "image_auroc": image_auroc(labels[index], scores[index]),
+            "pixel_auroc": pixel_auroc(masks[bad], pix[bad]) if masks[bad].any() else None,
+        }
+    return out
+
+
+def run(root: str, name: str, setting: str, seed: int, extra: dict) -> dict:
+    config = {**BASE, **SETTINGS[setting], **extra, "seed": seed}
+    train = MVTecDataset(root, name, "train")
+    test = MVTecDataset(root, name, "test")
+    load_before = os.getloadavg()[0]
+    tick = time.perf_counter()
+    detector = CPCAD(**config).fit(train)
+    fit_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    metrics = evaluate(detector, [test[i] for i in range(len(test))])
+    score_s = time.perf_counter() - tick
+    return {
+        "set": name, "setting": setting, "seed": seed, "extra": extra, "fit_s": round(fit_s, 1),
+        "score_s": round(score_s, 1), "load_before": load_before, "load_after": os.getloadavg()[0],
+        "threads": torch.get_num_threads(), "final_loss": detector.history_[-1] if detector.history_ else None,
+        "loss_curve": [round(v, 4) for v in detector.history_], **metrics,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="../shared/data/mvtec_format")
+    parser.add_argument("--set", default="magnetic_tile")
+    parser.add_argument("--settings", default="base")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--extra", default="{}", help="JSON overrides applied to every setting")
+    parser.add_argument("--out", default="results/cpcad_study.jsonl")
+    args = parser.parse_args()
+    for setting in args.settings.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            record = run(args.root, args.set, setting, seed, json.loads(args.extra))
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(setting, seed, record["image_auroc"], record["pixel_auroc"], record["fit_s"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
