@@ -129,6 +129,9 @@ class Detector:
             raise ValueError(f"{str(path)!r} holds a {payload['method']} model, not {cls.method}")
         target = cls if cls is not Detector else _registry()[payload["method"]]
         config = dict(payload["config"])
+        if "amp" in config:  # files from before ``precision``: amp only acted on CUDA, so fp32 reproduces CPU scores
+            config.pop("amp")
+            config.setdefault("precision", "fp32")
         if device is not None or "device" in config:  # default CPU, whatever it was trained on
             config["device"] = str(device) if device is not None else "cpu"
         detector = target(**config)

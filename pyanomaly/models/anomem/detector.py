@@ -8,7 +8,6 @@ few labelled anomalies are given (semi-supervised). ``fit(normal)`` / ``fit(norm
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from pyanomaly.data import stack_resized
 from pyanomaly.models.anomem.augment import AugmentConfig, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
+from pyanomaly.models._precision import check_precision, encoder_autocast
 from pyanomaly.models.base import Detector
 
 __all__ = ["AnoMem"]
@@ -84,7 +84,9 @@ class AnoMem(Detector):
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score ("cpu", "cuda", "cuda:1").
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        precision: ``"auto"`` (bf16 autocast for the encoder where the hardware runs bf16 natively:
+            CUDA, or a CPU with AVX-512 BF16 / AMX; fp32 elsewhere), ``"bf16"`` or ``"fp32"``. Memories,
+            projections, NT-Xent and scores always run in fp32; the encoder runs channels_last.
         eval_batch_size: images per scoring batch.
         verbose: print per-epoch progress to stderr.
 
@@ -128,7 +130,7 @@ class AnoMem(Detector):
         contamination: float = 0.1,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        amp: bool = True,
+        precision: str = "auto",
         eval_batch_size: int = 256,
         verbose: bool = False,
     ) -> None:
@@ -209,7 +211,7 @@ class AnoMem(Detector):
             ) from exc
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is {device!r} but CUDA is not available")
-        self.amp = bool(amp)
+        self.precision = check_precision(precision)
         self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
         self.verbose = bool(verbose)
         self.model_: AnoMemModel | None = None
@@ -228,9 +230,7 @@ class AnoMem(Detector):
         return tuple(2.0 ** (s - last) for s in self.scales)
 
     def _autocast(self):
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return encoder_autocast(self.precision, self.device)
 
     def _log(self, text: str) -> None:
         if self.verbose:
@@ -262,7 +262,7 @@ class AnoMem(Detector):
             classifier_hidden=self.classifier_hidden,
             mean=mean,
             std=std,
-        )
+        ).to(memory_format=torch.channels_last)
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, normal, anomalies=None) -> AnoMem:
@@ -565,7 +565,7 @@ class AnoMem(Detector):
             "contamination": self.contamination,
             "seed": self.seed,
             "device": str(self.device),
-            "amp": self.amp,
+            "precision": self.precision,
             "eval_batch_size": self.eval_batch_size,
             "verbose": self.verbose,
         }

@@ -168,9 +168,14 @@ class AnoMemModel(nn.Module):
 
     # -- features and deviations --------------------------------------------------------------
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Images (B, C, H, W) in [0, 1] -> the feature map of each memory scale (B, C_s, H_s, W_s)."""
-        stages = self.encoder((images - self.mean) / self.std, num_stages=self.num_stages)
-        return [stages[s - 1] for s in self.scales]
+        """Images (B, C, H, W) in [0, 1] -> the fp32 feature map of each memory scale (B, C_s, H_s, W_s).
+
+        The encoder runs channels_last, under whatever autocast the caller set (the detector's
+        ``precision``); its outputs are cast to fp32 for the memories, heads and losses.
+        """
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        stages = self.encoder(x, num_stages=self.num_stages)
+        return [stages[s - 1].float() for s in self.scales]
 
     def deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per scale, the map of (features - memory recollection) (Eq. 8), each (B, C_s, H_s, W_s).
@@ -178,9 +183,11 @@ class AnoMemModel(nn.Module):
         Every spatial position's feature vector is normalised and recalled from the scale's memory.
         """
         out = []
-        for memory, fmap in zip(self.memories, self.features(images)):
-            recall = memory(fmap)
-            out.append(recall.features.float() - recall.retrieved.float())
+        maps = self.features(images)
+        with _fp32(images.device):
+            for memory, fmap in zip(self.memories, maps):
+                recall = memory(fmap)
+                out.append(recall.features.float() - recall.retrieved.float())
         return out
 
     def one_class_scores(self, deviations: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -228,7 +235,15 @@ class AnoMemModel(nn.Module):
         """
         batch = first.shape[0]
         maps = self.features(torch.cat([first, second]))
-        total = first.new_zeros((), dtype=torch.float32)
+        with _fp32(first.device):
+            return self._memory_contrast(maps, batch, first_crop, second_crop, is_normal, sampling_ratios,
+                                         scale_weights, temperature, variance_weight, generator, negatives)
+
+    def _memory_contrast(self, maps, batch, first_crop, second_crop, is_normal, sampling_ratios, scale_weights,
+                         temperature, variance_weight, generator, negatives):
+        """The per-scale part of :meth:`contrastive_loss` on the encoder's fp32 maps (autocast off)."""
+        first_device = maps[0].device
+        total = maps[0].new_zeros((), dtype=torch.float32)
         contrastive_sum, variance_sum = 0.0, 0.0
         for s, fmap in enumerate(maps):
             h, w = fmap.shape[-2:]
@@ -240,7 +255,7 @@ class AnoMemModel(nn.Module):
             q1 = memory.states(v1)
             q2 = memory.states(v2)
             normal_rows = is_normal.repeat_interleave(count)
-            source_image = torch.arange(batch, device=first.device).repeat_interleave(count)
+            source_image = torch.arange(batch, device=first_device).repeat_interleave(count)
             if bool(normal_rows.any()):
                 recalled, _ = memory.retrieve(q1[normal_rows])
                 q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
@@ -254,6 +269,11 @@ class AnoMemModel(nn.Module):
             contrastive_sum += scale_weights[s] * float(contrast.detach())
             variance_sum += scale_weights[s] * float(var.detach())
         return total, {"contrastive": contrastive_sum, "variance": variance_sum}
+
+
+def _fp32(device: torch.device):
+    """Autocast off: what follows the encoder runs in fp32 whatever precision the encoder used."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _sample(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

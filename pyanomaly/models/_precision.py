@@ -1,0 +1,63 @@
+"""Mixed precision shared by the detectors: the dtype their encoders run in, and its autocast.
+
+``precision="auto"`` (the default) runs the encoders under bf16 autocast where bf16 is the fast path:
+CUDA with bf16, and CPUs with AMX tiles (``amx_bf16``); elsewhere fp32. A CPU with AVX-512 BF16 but no
+AMX stays fp32: on this project's 2-core Xeon (avx512_bf16, no AMX) bf16 autocast made encoder
+fwd+bwd slower than fp32 channels_last (ResNet-18 at 32 px, batch 128: 2.70 s vs 2.44 s; CPC-AD's
+fast-stem encoder on 1800 sub-patches of 32 px: 0.322 s vs 0.236 s; results/cpcad.md). ``"bf16"``
+forces autocast (emulated and slow without native support), ``"fp32"`` turns it off. What follows the encoders (CPC-AD's predictors, InfoNCE and scores; AnoMem's memories,
+projections and NT-Xent) always runs in fp32: the detectors cast the encoder outputs explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["PRECISIONS", "check_precision", "encoder_autocast", "native_bf16", "resolve_precision"]
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of PRECISIONS, else a ValueError naming the argument."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 autocast is the fast path for convolutions on ``device`` (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and "amx_bf16" in _cpu_flags()
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, i.e. fp32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """"bf16" or "fp32": what ``precision`` means on ``device``."""
+    if check_precision(precision) == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def encoder_autocast(precision: str, device: torch.device | str):
+    """The autocast context for the encoders (a disabled one in fp32)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
