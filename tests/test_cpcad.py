@@ -276,3 +276,52 @@ def test_shared_data_smoke(category):
     scores, maps = det.score([s.image for s in samples])
     assert np.isfinite(scores).all()
     assert all(m.shape == tuple(s.image.shape[1:]) for m, s in zip(maps, samples))
+
+
+@pytest.mark.parametrize(
+    "credit, first_column",
+    [("target", [0, 0, 1, 2, 2, 2, 2]), ("context", [2, 2, 2, 2, 1, 0, 0]), ("both", [2, 2, 3, 4, 3, 2, 2])],
+)
+def test_losses_credited_to_context_or_both(credit, first_column):
+    torch.manual_seed(0)
+    model = CPCADModel(directions=("above",), prediction_steps=2, widths=(8,), blocks=(1,), strides=(1,))
+    windows = torch.randn(3, 7, 7, model.dim)
+    generator = torch.Generator().manual_seed(0)
+    loss_sum, count, objective = model([windows], credit=credit, generator=generator)
+    # "above", K = 2: context row y predicts target rows y + 2 (k = 1) and y + 3 (k = 2)
+    assert count[:, 0].tolist() == first_column
+    assert ((loss_sum > 0) == (count > 0)).all()
+    reference = model([windows], generator=torch.Generator().manual_seed(0))[2]
+    assert torch.equal(objective, reference)  # the training objective does not depend on credit
+
+
+def test_lr_factor_warmup_then_cosine():
+    from pyanomaly.models.cpcad.detector import lr_factor
+
+    cosine = lr_factor("cosine", warmup_steps=4, total_steps=14)
+    assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine(4) == 1.0 and cosine(9) == pytest.approx(0.5) and cosine(14) == pytest.approx(0.0)
+    constant = lr_factor("constant", warmup_steps=0, total_steps=10)
+    assert all(constant(s) == 1.0 for s in range(12))
+
+
+def test_position_score_norm_standardises_training_scores_and_round_trips(synthetic, tmp_path):
+    train, samples = synthetic
+    det = CPCAD(**TINY, epochs=1, seed=0, score_norm="position", lr_schedule="cosine", warmup_epochs=1).fit(train)
+    mean, std = det.score_stats_
+    assert mean.shape == std.shape == (det.grid_size, det.grid_size) and (std > 0).all()
+    train_grid = det.subpatch_scores(train)
+    assert float(train_grid.mean(0).abs().max()) < 1e-3  # each position: mean 0 (float32 sums of z-scores)
+    raw = CPCAD(**TINY, epochs=1, seed=0, lr_schedule="cosine", warmup_epochs=1).fit(train)
+    torch.testing.assert_close(raw.subpatch_scores(samples[:3]), det._subpatch_scores([s.image for s in samples[:3]]))
+    det.save(tmp_path / "m.pt")
+    loaded = CPCAD.load(tmp_path / "m.pt")
+    np.testing.assert_array_equal(loaded.decision_function(samples[:4]), det.decision_function(samples[:4]))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"credit": "left"}, "credit"), ({"lr_schedule": "step"}, "lr_schedule"),
+                                           ({"warmup_epochs": -1}, "warmup_epochs"), ({"score_norm": "z"}, "score_norm"),
+                                           ({"precision": "fp16"}, "precision")])
+def test_new_options_validate(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CPCAD(**TINY, **kwargs)

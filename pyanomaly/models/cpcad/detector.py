@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from pyanomaly.data import stack_resized
 from pyanomaly.models._precision import check_precision, encoder_autocast
 from pyanomaly.models.base import Detector
-from pyanomaly.models.cpcad.torch_model import DIRECTIONS, CPCADModel, windows_from_grid, windows_to_grid
+from pyanomaly.models.cpcad.torch_model import CREDITS, DIRECTIONS, CPCADModel, windows_from_grid, windows_to_grid
 from pyanomaly.nn.preact_resnet import STEMS
 from pyanomaly.ops import extract_patches, fold_patches
 
 __all__ = ["CPCAD", "LAYOUTS", "as_image_list"]
 
 LAYOUTS = ("grid", "nested")
+LR_SCHEDULES = ("constant", "cosine")
+SCORE_NORMS = ("none", "position")
 
 #: Greedy InfoMax's grayscale normalisation (loeweX/Greedy_InfoMax, STL-10 gray statistics).
 GIM_MEAN, GIM_STD = 0.4120, 0.2570
@@ -77,6 +79,20 @@ def as_image_list(data: Any, name: str, *, min_size: int = 1) -> list[torch.Tens
     return images
 
 
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
+    """LambdaLR factor per optimiser step: linear warm-up, then constant or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
 class CPCAD(Detector):
     """Contrastive Predictive Coding for anomaly detection and segmentation.
 
@@ -119,6 +135,16 @@ class CPCAD(Detector):
         bank_size: training-set sub-patch embeddings kept (per encoder) for scoring negatives.
         direction_reduce: how the four directions combine: ``"mean"`` of all (direction, step)
             terms credited to a sub-patch (lost in the paper; our choice).
+        credit: which sub-patch of an InfoNCE term gets its loss in the maps: ``"target"`` (the
+            predicted one: the paper keeps anomalies out of the negatives so that they show up in
+            the positive), ``"context"`` (the one predicting) or ``"both"``. Default target (paper).
+        lr_schedule: ``"constant"`` (GIM: Adam, no scheduler) or ``"cosine"`` (cosine decay to 0
+            over the whole fit). Default constant.
+        warmup_epochs: linear lr warm-up over the first epochs (0 = none, GIM).
+        score_norm: ``"none"`` (the paper: the raw InfoNCE loss is the score) or ``"position"``:
+            each grid position's score is standardised by the mean and std of that position's scores
+            over the training images (fitted after training; a departure from the paper that removes
+            the fixed per-position offsets, e.g. at image borders).
         score_batch_size: images per scoring batch.
         contamination: fraction of training scores above ``threshold_`` (PyOD).
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
@@ -166,6 +192,10 @@ class CPCAD(Detector):
         test_draws: int = 8,
         bank_size: int = 16384,
         direction_reduce: str = "mean",
+        credit: str = "target",
+        lr_schedule: str = "constant",
+        warmup_epochs: int = 0,
+        score_norm: str = "none",
         score_batch_size: int = 4,
         contamination: float = 0.1,
         seed: int | None = 0,
@@ -221,6 +251,14 @@ class CPCAD(Detector):
             raise ValueError(f"direction_reduce must be 'mean', got {direction_reduce!r}")
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
+        if credit not in CREDITS:
+            raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
+        if score_norm not in SCORE_NORMS:
+            raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
         self.image_size, self.patch_size, self.patch_stride = image_size, patch_size, patch_stride
         self.sub_size, self.sub_stride, self.layout, self.stem = sub_size, sub_stride, layout, stem
         self.widths, self.blocks = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
@@ -231,6 +269,8 @@ class CPCAD(Detector):
         self.mean, self.std = float(mean), float(std)
         self.top_k, self.test_draws, self.bank_size = top_k, test_draws, bank_size
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
+        self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
+        self.score_norm = score_norm
         self.seed = None if seed is None else int(seed)
         self.device = torch.device(device)
         self.precision, self.verbose = check_precision(precision), bool(verbose)
@@ -239,6 +279,7 @@ class CPCAD(Detector):
         self.grid_size = (self.patches_per_side - 1) * self.ratio + self.window
         self.model_ = self._build_model()  # validates widths/blocks/directions now
         self.banks_: list[torch.Tensor] | None = None
+        self.score_stats_: tuple[torch.Tensor, torch.Tensor] | None = None  # (G, G) mean, std
         self.history_: list[float] = []
 
     # -- configuration --------------------------------------------------------------------------
@@ -252,7 +293,9 @@ class CPCAD(Detector):
             "num_negatives": self.num_negatives, "epochs": self.epochs, "batch_size": self.batch_size,
             "lr": self.lr, "crop_fraction": self.crop_fraction, "hflip": self.hflip, "mean": self.mean,
             "std": self.std, "top_k": self.top_k, "test_draws": self.test_draws, "bank_size": self.bank_size,
-            "direction_reduce": self.direction_reduce, "score_batch_size": self.score_batch_size,
+            "direction_reduce": self.direction_reduce, "credit": self.credit, "lr_schedule": self.lr_schedule,
+            "warmup_epochs": self.warmup_epochs, "score_norm": self.score_norm,
+            "score_batch_size": self.score_batch_size,
             "contamination": self.contamination, "seed": self.seed, "device": str(self.device),
             "precision": self.precision, "verbose": self.verbose,
         }
@@ -260,13 +303,17 @@ class CPCAD(Detector):
     def _get_state(self) -> dict:
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet")
-        return {"model": self.model_.state_dict(), "banks": list(self.banks_), "history": list(self.history_)}
+        stats = None if self.score_stats_ is None else list(self.score_stats_)
+        return {"model": self.model_.state_dict(), "banks": list(self.banks_), "history": list(self.history_),
+                "score_stats": stats}
 
     def _set_state(self, state: dict) -> None:
         self.model_.load_state_dict(state["model"])
         self.model_.to(self.device).eval()
         self.banks_ = [bank.to(self.device) for bank in state["banks"]]
         self.history_ = [float(v) for v in state.get("history", [])]
+        stats = state.get("score_stats")
+        self.score_stats_ = None if stats is None else (stats[0].float(), stats[1].float())
 
     def _build_model(self) -> CPCADModel:
         with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
@@ -330,6 +377,9 @@ class CPCAD(Detector):
         optimizer = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
         n = len(images)
         steps = math.ceil(n / self.batch_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(self.lr_schedule, steps * self.warmup_epochs, steps * self.epochs)
+        )
         resized = self._resize(images) if self.crop_fraction == 1.0 else None
         self.history_ = []
         start = time.perf_counter()
@@ -347,6 +397,7 @@ class CPCAD(Detector):
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()
+                schedule.step()
                 total += float(objective.detach()) * len(index)
                 seen += len(index)
                 self._progress(epoch, step + 1, steps, total / seen, start)
@@ -354,7 +405,13 @@ class CPCAD(Detector):
             self._progress(epoch, steps, steps, total / seen, start, end=True)
         self.model_.eval()
         self.banks_ = self._build_banks(images, gen)
-        self._fit_threshold(self.decision_function(images))
+        self.score_stats_ = None
+        train_grid = self._subpatch_scores(images)
+        if self.score_norm == "position":
+            std = train_grid.std(dim=0)
+            self.score_stats_ = (train_grid.mean(dim=0), std.clamp(min=0.1 * float(std.median()) + 1e-6))
+            train_grid = self._normalized(train_grid)
+        self._fit_threshold(self.image_scores_from(train_grid))
         return self
 
     def _random_crop(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -412,9 +469,17 @@ class CPCAD(Detector):
         """Per-sub-patch anomaly scores (N, G, G) on the ``image_size`` grid (CPU float32)."""
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
-        return self._subpatch_scores(as_image_list(images, "images", min_size=self.sub_size))
+        return self._normalized(self._subpatch_scores(as_image_list(images, "images", min_size=self.sub_size)))
+
+    def _normalized(self, grid_scores: torch.Tensor) -> torch.Tensor:
+        """(N, G, G) raw losses -> the scores ``score_norm`` asks for."""
+        if self.score_stats_ is None:
+            return grid_scores
+        mean, std = self.score_stats_
+        return (grid_scores - mean) / std
 
     def _subpatch_scores(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(N, G, G) raw per-sub-patch losses (before ``score_norm``)."""
         self.model_.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.seed if self.seed is not None else 0)
         m, r, g, nh = self.window, self.ratio, self.grid_size, self.patches_per_side
@@ -425,7 +490,7 @@ class CPCAD(Detector):
             windows = self._windows(batch, None)
             loss_sum, count, _ = self.model_(
                 windows, banks=self.banks_, num_negatives=self.num_negatives, draws=self.test_draws,
-                generator=gen,
+                generator=gen, credit=self.credit,
             )
             sums = windows_to_grid(loss_sum.reshape(b, nh, nh, m, m), m, r, (g, g))
             counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))
@@ -459,7 +524,7 @@ class CPCAD(Detector):
         """Image scores (N,) and pixel maps (one (H_i, W_i) array per image) in one pass."""
         self._check_ready()
         image_list = as_image_list(images, "images", min_size=self.sub_size)
-        grid = self._subpatch_scores(image_list)
+        grid = self._normalized(self._subpatch_scores(image_list))
         return self.image_scores_from(grid), self.maps_from(grid, [tuple(x.shape[1:]) for x in image_list])
 
     def decision_function(self, images: Any) -> np.ndarray:
@@ -468,7 +533,7 @@ class CPCAD(Detector):
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
         image_list = as_image_list(images, "images", min_size=self.sub_size)
         with torch.no_grad():
-            return self.image_scores_from(self._subpatch_scores(image_list))
+            return self.image_scores_from(self._normalized(self._subpatch_scores(image_list)))
 
     def anomaly_map(self, images: Any) -> np.ndarray | list[np.ndarray]:
         """Pixel anomaly maps at input resolution: (N, H, W) float32, or a list when sizes differ."""

@@ -27,10 +27,13 @@ from torch import nn
 from pyanomaly.nn.preact_resnet import PreActResNetEncoder
 from pyanomaly.ops import infonce, sample_negatives
 
-__all__ = ["CPCADModel", "DIRECTIONS", "orient", "unorient", "windows_from_grid", "windows_to_grid"]
+__all__ = ["CPCADModel", "CREDITS", "DIRECTIONS", "orient", "unorient", "windows_from_grid", "windows_to_grid"]
 
 #: The side the context comes from. "above" = predict downwards (Greedy InfoMax's only direction).
 DIRECTIONS = ("above", "below", "left", "right")
+#: Which sub-patch of an InfoNCE term its loss is credited to: the predicted target (CPC-AD), the
+#: context that predicts it, or both (each term counted at both positions).
+CREDITS = ("target", "context", "both")
 
 
 def orient(z: torch.Tensor, direction: str) -> torch.Tensor:
@@ -133,8 +136,9 @@ class CPCADModel(nn.Module):
         num_negatives: int = 16,
         draws: int = 1,
         generator: torch.Generator | None = None,
+        credit: str = "target",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """InfoNCE losses of one direction, credited to the target sub-patches.
+        """InfoNCE losses of one direction, credited to the target sub-patches (or see ``credit``).
 
         Args:
             windows: (P, m, m, D) embeddings of P windows (from this direction's encoder).
@@ -144,6 +148,8 @@ class CPCADModel(nn.Module):
             num_negatives: negatives per query.
             draws: independent negative draws averaged per term (scoring).
             generator: for the negative draws.
+            credit: one of ``CREDITS``: where each term's loss is counted (scoring maps only; the
+                objective does not depend on it).
 
         Returns:
             loss_sum (P, m, m) and count (m, m): the summed losses credited to each position and how
@@ -176,8 +182,13 @@ class CPCADModel(nn.Module):
                 total = loss if total is None else total + loss
             loss = total / draws
             objective = objective + loss.mean()
-            loss_sum[:, k + 1 :] += loss.detach().view(p, rows, m)
-            count[k + 1 :] += 1
+            per_term = loss.detach().view(p, rows, m)
+            if credit in ("target", "both"):
+                loss_sum[:, k + 1 :] += per_term
+                count[k + 1 :] += 1
+            if credit in ("context", "both"):
+                loss_sum[:, :rows] += per_term
+                count[:rows] += 1
             steps += 1
         if steps == 0:
             raise ValueError(f"windows of {m}x{m} sub-patches are too small to predict even one step ahead")
@@ -195,12 +206,14 @@ class CPCADModel(nn.Module):
         num_negatives: int = 16,
         draws: int = 1,
         generator: torch.Generator | None = None,
+        credit: str = "target",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All directions: per-position summed losses, term counts and the training objective.
 
         Args:
             windows: one (P, m, m, D) tensor per encoder.
             banks: None (training) or one (M, D) bank per encoder.
+            credit: where each term's loss is counted (see :meth:`direction_losses`).
 
         Returns:
             loss_sum (P, m, m) and count (m, m): summed over all (direction, step) terms credited to
@@ -214,7 +227,7 @@ class CPCADModel(nn.Module):
             e = self.encoder_of(index)
             s, c, o = self.direction_losses(
                 windows[e], index, bank=None if banks is None else banks[e],
-                num_negatives=num_negatives, draws=draws, generator=generator,
+                num_negatives=num_negatives, draws=draws, generator=generator, credit=credit,
             )
             loss_sum = s if loss_sum is None else loss_sum + s
             count = c if count is None else count + c
