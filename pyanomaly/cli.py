@@ -72,6 +72,15 @@ def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def preset_config(method: str, name: str) -> dict[str, Any]:
+    """The constructor arguments of ``method``'s preset ``name`` (CLIError when there is none)."""
+    presets = get_method(method).PRESETS
+    if name not in presets:
+        choices = ", ".join(presets) or "none"
+        raise CLIError(f"unknown preset {name!r} for method {method!r}; choose one of: {choices}")
+    return presets[name]
+
+
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise CLIError(f"{what} not found: {path}")
@@ -292,6 +301,8 @@ def add_fit_parser(commands) -> None:
     p.add_argument("--data", required=True, help="MVTec-AD-layout root folder")
     p.add_argument("--category", required=True, help="category folder under --data")
     p.add_argument("--out", required=True, help="run folder to write model.pt and config.json to")
+    p.add_argument("--preset", help="a named configuration of the method (cpcad, anomem: paper, cpu); "
+                                    "the options below override it")
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--batch-size", type=int)
@@ -306,14 +317,15 @@ def add_fit_parser(commands) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    config = {
+    config = dict(preset_config(args.method, args.preset)) if args.preset else {}
+    config.update({
         key: value
         for key, value in (
             ("epochs", args.epochs), ("image_size", args.image_size), ("batch_size", args.batch_size),
             ("lr", args.lr), ("seed", args.seed), ("device", args.device),
         )
         if value is not None
-    }
+    })
     config.update(parse_set(args.set))
     if args.quiet:
         config["verbose"] = False

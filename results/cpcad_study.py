@@ -1,7 +1,8 @@
 """CPC-AD study on MVTec-layout sets: one JSON line per (setting, seed) run, appended as it ends.
 
 Each run fits ``CPCAD(**BASE, **SETTINGS[name])`` on ``<root>/<set>/train/good``, scores the test
-split once and records image AUROC for several top-k poolings (from the same sub-patch scores),
+split and records image AUROC for several top-k poolings (from the same sub-patch scores), every
+scoring-time variant (credit x score_norm, from the same trained model),
 pixel AUROC and AUPRO at 256 x 256 (maps bilinear, masks nearest), per-defect numbers, the loss
 curve, fit and score wall time and the load average. The no-learning floors are in ``floors.py``.
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from pyanomaly import CPCAD
 from pyanomaly.data import MVTecDataset, resize_masks
 from pyanomaly.metrics import aupro, image_auroc, pixel_auroc
+from pyanomaly.models.cpcad.torch_model import CREDITS
 
 EVAL_SIZE = 256
 TOP_KS = (1, 0.01, 0.02, 0.05, 0.1, 1.0)
@@ -52,24 +54,22 @@ SETTINGS: dict[str, dict] = {
     "px384": {"image_size": 384, "patch_size": 192, "patch_stride": 96, "sub_size": 48, "sub_stride": 24},
     "draws1": {"test_draws": 1},
     "draws32": {"test_draws": 32},
+    "cosine": {"lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5},
+    "e150_cosine": {"epochs": 150, "lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5},
+    "px256_e150": {"image_size": 256, "patch_size": 128, "patch_stride": 64, "sub_size": 32, "sub_stride": 16,
+                   "epochs": 150},
 }
 
 
-def evaluate(detector: CPCAD, samples) -> dict:
-    images = [s.image for s in samples]
-    labels = np.array([s.label for s in samples])
-    defects = [s.defect_type for s in samples]
-    grid = detector.subpatch_scores(images)
-    maps = detector.maps_from(grid, [tuple(x.shape[1:]) for x in images])
+def _metrics(detector: CPCAD, grid: torch.Tensor, samples, labels, masks, defects) -> dict:
+    maps = detector.maps_from(grid, [tuple(s.image.shape[1:]) for s in samples])
     pix = np.stack([F.interpolate(torch.from_numpy(m)[None, None], size=(EVAL_SIZE,) * 2, mode="bilinear")[0, 0].numpy()
                     for m in maps])
-    masks = resize_masks([s.mask for s in samples], (EVAL_SIZE, EVAL_SIZE)).numpy()
     flat = grid.reshape(grid.shape[0], -1)
     out: dict = {"image_auroc_topk": {}}
     for k in TOP_KS:
         count = k if isinstance(k, int) else max(1, round(k * flat.shape[1]))
-        scores = flat.topk(count, dim=1).values.mean(1).numpy()
-        out["image_auroc_topk"][str(k)] = image_auroc(labels, scores)
+        out["image_auroc_topk"][str(k)] = image_auroc(labels, flat.topk(count, dim=1).values.mean(1).numpy())
     scores = detector.image_scores_from(grid)
     out["image_auroc"] = image_auroc(labels, scores)
     out["pixel_auroc"] = pixel_auroc(masks, pix) if masks.any() else None
@@ -86,6 +86,29 @@ def evaluate(detector: CPCAD, samples) -> dict:
     return out
 
 
+def evaluate(detector: CPCAD, train_images, samples) -> dict:
+    """The configured scoring's metrics, plus every scoring-time variant of the same trained model:
+    ``variants["<credit>/<score_norm>"]`` (the objective depends on neither, so one fit serves all)."""
+    images = [s.image for s in samples]
+    labels = np.array([s.label for s in samples])
+    defects = [s.defect_type for s in samples]
+    masks = resize_masks([s.mask for s in samples], (EVAL_SIZE, EVAL_SIZE)).numpy()
+    out = _metrics(detector, detector.subpatch_scores(images), samples, labels, masks, defects)
+    configured = detector.credit, detector.test_negatives
+    out["variants"] = {}
+    with torch.no_grad():
+        for credit, negatives in [(c, None) for c in CREDITS] + [("target", 128)]:
+            detector.credit, detector.test_negatives = credit, negatives
+            train_grid, test_grid = detector._subpatch_scores(train_images), detector._subpatch_scores(images)
+            std = train_grid.std(0)
+            std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
+            for norm, grid in (("none", test_grid), ("position", (test_grid - train_grid.mean(0)) / std)):
+                variant = _metrics(detector, grid, samples, labels, masks, defects)
+                out["variants"][f"{credit}/{norm}" + (f"/neg{negatives}" if negatives else "")] = variant
+    detector.credit, detector.test_negatives = configured
+    return out
+
+
 def run(root: str, name: str, setting: str, seed: int, extra: dict) -> dict:
     config = {**BASE, **SETTINGS[setting], **extra, "seed": seed}
     train = MVTecDataset(root, name, "train")
@@ -95,7 +118,7 @@ def run(root: str, name: str, setting: str, seed: int, extra: dict) -> dict:
     detector = CPCAD(**config).fit(train)
     fit_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    metrics = evaluate(detector, [test[i] for i in range(len(test))])
+    metrics = evaluate(detector, [train[i].image for i in range(len(train))], [test[i] for i in range(len(test))])
     score_s = time.perf_counter() - tick
     return {
         "set": name, "setting": setting, "seed": seed, "extra": extra, "fit_s": round(fit_s, 1),

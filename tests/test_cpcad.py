@@ -321,7 +321,7 @@ def test_position_score_norm_standardises_training_scores_and_round_trips(synthe
 
 @pytest.mark.parametrize("kwargs, match", [({"credit": "left"}, "credit"), ({"lr_schedule": "step"}, "lr_schedule"),
                                            ({"warmup_epochs": -1}, "warmup_epochs"), ({"score_norm": "z"}, "score_norm"),
-                                           ({"precision": "fp16"}, "precision")])
+                                           ({"precision": "fp16"}, "precision"), ({"test_negatives": 0}, "test_negatives")])
 def test_new_options_validate(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CPCAD(**TINY, **kwargs)

@@ -52,6 +52,8 @@ class Detector:
     """
 
     method: ClassVar[str] = "detector"
+    #: Named configurations: ``name -> constructor arguments``; see each detector's docstring.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, contamination: float = 0.1) -> None:
         if not 0.0 < contamination < 0.5:
@@ -60,6 +62,13 @@ class Detector:
         self.threshold_: float | None = None
         self.decision_scores_: np.ndarray | None = None
         self.labels_: np.ndarray | None = None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Detector:
+        """A detector built from the named preset, with ``overrides`` applied on top."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r} for {cls.__name__}; choose one of: {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
 
     # -- the contract -------------------------------------------------------------------------
     def fit(self, data, *args, **kwargs) -> Detector:

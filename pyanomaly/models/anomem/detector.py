@@ -265,7 +265,7 @@ class AnoMem(Detector):
         ).to(memory_format=torch.channels_last)
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, normal, anomalies=None) -> AnoMem:
+    def fit(self, normal, anomalies=None, *, on_epoch_end=None) -> AnoMem:
         """Train on normal images, plus labelled anomalies for the semi-supervised detector.
 
         Args:
@@ -275,6 +275,9 @@ class AnoMem(Detector):
                 resized to ``image_size`` (default: the first image's size).
             anomalies: optional labelled anomalous images in the same formats; given, stage 2
                 trains the per-scale classifiers, otherwise the detector is one-class.
+            on_epoch_end: optional ``fn(detector, record)`` called after every stage-1 epoch with
+                that epoch's ``history_`` record (learning curves: it may score with
+                :meth:`scores_now`; training resumes in train mode afterwards).
 
         Returns:
             self.
@@ -301,7 +304,7 @@ class AnoMem(Detector):
             self.model_ = self._build_model(self.in_channels_, size, mean.tolist(), std.tolist())
         self.model_.to(self.device)
         self.history_ = []
-        self._train_stage1(normal_x, anomaly_x)
+        self._train_stage1(normal_x, anomaly_x, on_epoch_end)
         if self.semi_supervised_:
             self._train_classifiers(normal_x, anomaly_x)
         train_scores = self._score(torch.cat([normal_x, anomaly_x]))
@@ -309,7 +312,7 @@ class AnoMem(Detector):
         self._log(f"fitted in {time.perf_counter() - start:.1f} s")
         return self
 
-    def _train_stage1(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor) -> None:
+    def _train_stage1(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor, on_epoch_end=None) -> None:
         model = self.model_
         images = torch.cat([normal_x, anomaly_x])
         is_normal = torch.cat(
@@ -376,6 +379,9 @@ class AnoMem(Detector):
                 f"(contrastive {record['contrastive']:.4f}, variance {record['variance']:.4f}) "
                 f"lr {lr:.4g} {record['seconds']:.1f} s"
             )
+            if on_epoch_end is not None:
+                on_epoch_end(self, record)
+                model.train()
 
     @torch.no_grad()
     def _pooled_deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -476,6 +482,13 @@ class AnoMem(Detector):
 
     def _score(self, images: torch.Tensor) -> np.ndarray:
         return self._weighted_sum(self._scale_scores(images))
+
+    def scores_now(self, images) -> np.ndarray:
+        """Scores (N,) with the model as it is, also mid-training (no threshold needed; a semi-supervised
+        fit scores with its classifiers, untrained until stage 2)."""
+        if self.model_ is None:
+            raise RuntimeError("this AnoMem has no model yet: call fit(...) first")
+        return self._score(self._images(images, "images", fitted=True))
 
     def scale_scores(self, images) -> np.ndarray:
         """Per-scale anomaly scores (N, S) before the weighted sum (Eq. 9 or 10)."""

@@ -132,6 +132,8 @@ class CPCAD(Detector):
             ~0.1, not tuned on test data here).
         test_draws: independent negative draws averaged when scoring (lineage notes: 8 added up to
             0.035 image AUROC at almost no cost).
+        test_negatives: negatives per InfoNCE term when scoring; None = ``num_negatives`` (the paper
+            scores with the training loss). More negatives give a less noisy score.
         bank_size: training-set sub-patch embeddings kept (per encoder) for scoring negatives.
         direction_reduce: how the four directions combine: ``"mean"`` of all (direction, step)
             terms credited to a sub-patch (lost in the paper; our choice).
@@ -190,6 +192,7 @@ class CPCAD(Detector):
         std: float = GIM_STD,
         top_k: int | float = 0.02,
         test_draws: int = 8,
+        test_negatives: int | None = None,
         bank_size: int = 16384,
         direction_reduce: str = "mean",
         credit: str = "target",
@@ -251,6 +254,10 @@ class CPCAD(Detector):
             raise ValueError(f"direction_reduce must be 'mean', got {direction_reduce!r}")
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
+        if test_negatives is not None and (
+            isinstance(test_negatives, bool) or not isinstance(test_negatives, int) or test_negatives < 1
+        ):
+            raise ValueError(f"test_negatives must be None or a positive int, got {test_negatives!r}")
         if credit not in CREDITS:
             raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -268,6 +275,7 @@ class CPCAD(Detector):
         self.crop_fraction, self.hflip = float(crop_fraction), bool(hflip)
         self.mean, self.std = float(mean), float(std)
         self.top_k, self.test_draws, self.bank_size = top_k, test_draws, bank_size
+        self.test_negatives = test_negatives
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
         self.score_norm = score_norm
@@ -292,7 +300,8 @@ class CPCAD(Detector):
             "directions": list(self.directions), "prediction_steps": self.prediction_steps,
             "num_negatives": self.num_negatives, "epochs": self.epochs, "batch_size": self.batch_size,
             "lr": self.lr, "crop_fraction": self.crop_fraction, "hflip": self.hflip, "mean": self.mean,
-            "std": self.std, "top_k": self.top_k, "test_draws": self.test_draws, "bank_size": self.bank_size,
+            "std": self.std, "top_k": self.top_k, "test_draws": self.test_draws,
+            "test_negatives": self.test_negatives, "bank_size": self.bank_size,
             "direction_reduce": self.direction_reduce, "credit": self.credit, "lr_schedule": self.lr_schedule,
             "warmup_epochs": self.warmup_epochs, "score_norm": self.score_norm,
             "score_batch_size": self.score_batch_size,
@@ -489,8 +498,8 @@ class CPCAD(Detector):
             b = batch.shape[0]
             windows = self._windows(batch, None)
             loss_sum, count, _ = self.model_(
-                windows, banks=self.banks_, num_negatives=self.num_negatives, draws=self.test_draws,
-                generator=gen, credit=self.credit,
+                windows, banks=self.banks_, num_negatives=self.test_negatives or self.num_negatives,
+                draws=self.test_draws, generator=gen, credit=self.credit,
             )
             sums = windows_to_grid(loss_sum.reshape(b, nh, nh, m, m), m, r, (g, g))
             counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))
