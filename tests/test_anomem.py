@@ -468,3 +468,13 @@ def test_cli_protocol_command(tmp_path, capsys):
     assert 0 <= json.loads((tmp_path / "ood_table.json").read_text())["auroc"] <= 1
     assert main(["protocol", "ood", str(tmp_path / "ds"), "--out", str(tmp_path / "x")]) == 2
     assert "--out-data" in capsys.readouterr().err
+
+
+def test_random_grayscale_option():
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    gray, _ = simclr_view(images, AugmentConfig(grayscale_p=1.0, jitter_p=0.0, noise_p=0.0), torch.Generator().manual_seed(0))
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    colour, _ = simclr_view(images, AugmentConfig(grayscale_p=0.0, jitter_p=0.0, noise_p=0.0), torch.Generator().manual_seed(0))
+    assert not torch.allclose(colour[:, 0], colour[:, 1])
+    default, _ = simclr_view(images, AugmentConfig(jitter_p=0.0, noise_p=0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(default, colour)  # the default (0.0) draws nothing: seeded runs are unchanged

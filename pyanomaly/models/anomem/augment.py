@@ -3,7 +3,7 @@
 Each image of a batch draws its own parameters from one ``torch.Generator`` (on the images'
 device), so a seeded run is reproducible. The pipeline follows SimCLR (Chen et al., 2020) as the
 AnoMem paper asks: random resized crop, horizontal flip, brightness / contrast / saturation jitter,
-Gaussian blur, plus additive Gaussian noise. :func:`simclr_view` also returns where each view's crop
+optional random grayscale, Gaussian blur, plus additive Gaussian noise. :func:`simclr_view` also returns where each view's crop
 lies in the source image, so positions of two views can be matched (:func:`matching_points`).
 
 Images are float (B, C, H, W) in [0, 1]; C is 1 or 3 (saturation does nothing on gray images).
@@ -32,6 +32,9 @@ class AugmentConfig:
         jitter_p: probability of applying the colour jitter (SimCLR: 0.8).
         brightness, contrast, saturation: jitter strengths, factor in [1 - s, 1 + s] (SimCLR with
             colour strength 0.5: 0.4 each).
+        grayscale_p: probability of converting a colour view to gray (SimCLR: 0.2; default 0.0,
+            this project's behaviour before the option existed, kept until a measurement on CIFAR-10
+            decides, see results/anomem.md).
         blur_p: probability of a Gaussian blur (SimCLR: 0.5).
         blur_sigma: range of the blur's sigma in pixels (SimCLR: 0.1 to 2.0).
         noise_p: probability of additive Gaussian noise (AnoMem adds noise; strength is our choice).
@@ -45,6 +48,7 @@ class AugmentConfig:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
+    grayscale_p: float = 0.0
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     noise_p: float = 0.5
@@ -117,6 +121,13 @@ def _jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     return out
 
 
+def _random_gray(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    if images.shape[1] == 1 or config.grayscale_p <= 0:
+        return images
+    apply = torch.rand(images.shape[0], generator=generator, device=images.device) < config.grayscale_p
+    return torch.where(apply.view(-1, 1, 1, 1), _gray(images).expand_as(images), images)
+
+
 def _blur(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     batch, channels, height, width = images.shape
     device = images.device
@@ -173,6 +184,7 @@ def simclr_view(
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     view = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     view = _jitter(view, config, generator)
+    view = _random_gray(view, config, generator)
     view = _blur(view, config, generator)
     view = _noise(view, config, generator)
     return view, crop
