@@ -56,6 +56,10 @@ SETTINGS: dict[str, dict] = {
     "draws32": {"test_draws": 32},
     "cosine": {"lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5},
     "e150_cosine": {"epochs": 150, "lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5},
+    "pad": {"aspect": "pad"},
+    "best128": {"epochs": 150, "lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5, "aspect": "pad",
+                "score_norm": "position"},
+    "px256_sub16": {"image_size": 256, "patch_size": 64, "patch_stride": 32, "sub_size": 16, "sub_stride": 8},
     "px256_e150": {"image_size": 256, "patch_size": 128, "patch_stride": 64, "sub_size": 32, "sub_stride": 16,
                    "epochs": 150},
 }
@@ -65,12 +69,14 @@ def _metrics(detector: CPCAD, grid: torch.Tensor, samples, labels, masks, defect
     maps = detector.maps_from(grid, [tuple(s.image.shape[1:]) for s in samples])
     pix = np.stack([F.interpolate(torch.from_numpy(m)[None, None], size=(EVAL_SIZE,) * 2, mode="bilinear")[0, 0].numpy()
                     for m in maps])
-    flat = grid.reshape(grid.shape[0], -1)
+    sizes = [tuple(s.image.shape[1:]) for s in samples]
     out: dict = {"image_auroc_topk": {}}
+    configured = detector.top_k
     for k in TOP_KS:
-        count = k if isinstance(k, int) else max(1, round(k * flat.shape[1]))
-        out["image_auroc_topk"][str(k)] = image_auroc(labels, flat.topk(count, dim=1).values.mean(1).numpy())
-    scores = detector.image_scores_from(grid)
+        detector.top_k = k
+        out["image_auroc_topk"][str(k)] = image_auroc(labels, detector.image_scores_from(grid, sizes))
+    detector.top_k = configured
+    scores = detector.image_scores_from(grid, sizes)
     out["image_auroc"] = image_auroc(labels, scores)
     out["pixel_auroc"] = pixel_auroc(masks, pix) if masks.any() else None
     out["aupro"] = aupro(masks, pix) if masks.any() else None

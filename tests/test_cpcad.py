@@ -325,3 +325,21 @@ def test_position_score_norm_standardises_training_scores_and_round_trips(synthe
 def test_new_options_validate(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CPCAD(**TINY, **kwargs)
+
+
+def test_pad_aspect_keeps_the_ratio_and_cuts_maps_back(synthetic):
+    from pyanomaly.models.cpcad.detector import _pad_square
+
+    wide = torch.arange(2 * 6, dtype=torch.uint8).view(1, 2, 6) * 10
+    square = _pad_square(wide)
+    assert square.shape == (1, 6, 6) and torch.equal(square[:, 2:4], wide)
+    train, samples = synthetic
+    det = CPCAD(**TINY, epochs=1, seed=0, aspect="pad").fit(train)
+    images = [samples[0].image[:, :40, :], samples[1].image]  # 40 x 64 and 64 x 64
+    scores, maps = det.score(images)
+    assert maps[0].shape == (40, 64) and maps[1].shape == (64, 64) and np.isfinite(scores).all()
+    valid = det._valid_cells([(40, 64), (64, 64)])
+    g = det.grid_size
+    assert valid[1].all() and not valid[0].all() and valid[0][g // 2].all()
+    assert not valid[0][0].any() and not valid[0][-1].any()  # rows wholly in the top / bottom margin
+    np.testing.assert_allclose(det.decision_function(images), scores)

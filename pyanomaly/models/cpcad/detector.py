@@ -28,6 +28,7 @@ __all__ = ["CPCAD", "LAYOUTS", "as_image_list"]
 
 LAYOUTS = ("grid", "nested")
 LR_SCHEDULES = ("constant", "cosine")
+ASPECTS = ("squash", "pad")
 SCORE_NORMS = ("none", "position")
 
 #: Greedy InfoMax's grayscale normalisation (loeweX/Greedy_InfoMax, STL-10 gray statistics).
@@ -79,6 +80,19 @@ def as_image_list(data: Any, name: str, *, min_size: int = 1) -> list[torch.Tens
     return images
 
 
+def _pad_square(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C, S, S), S = max(H, W), centred, the margin reflected (replicated where
+    the margin is wider than the image)."""
+    c, h, w = image.shape
+    side = max(h, w)
+    if h == w:
+        return image
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = (left, side - w - left, top, side - h - top)
+    mode = "reflect" if max(pad[0], pad[1]) < w and max(pad[2], pad[3]) < h else "replicate"
+    return F.pad(image[None].float(), pad, mode=mode)[0].round().to(torch.uint8)
+
+
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
     """LambdaLR factor per optimiser step: linear warm-up, then constant or cosine decay to 0."""
 
@@ -102,6 +116,11 @@ class CPCAD(Detector):
 
     Args:
         image_size: side the (grayscale) images are resized to (paper: 768).
+        aspect: how a non-square image becomes the square input: ``"squash"`` (resize both sides to
+            ``image_size``; the paper's MVTec AD images are square, so it is silent) or ``"pad"``
+            (centre it on a square of its longer side, the margin filled by reflecting the image,
+            then resize: aspect ratio kept; sub-patches lying wholly in the margin are left out of
+            the image score and the maps are cut back to the image). Default squash.
         patch_size, patch_stride: patches (paper: 256 at stride 128). ``patch_stride`` must divide
             ``image_size - patch_size``.
         sub_size, sub_stride: sub-patches inside each patch (paper: 64 at stride 32, a 7x7 window);
@@ -171,6 +190,7 @@ class CPCAD(Detector):
         self,
         *,
         image_size: int = 768,
+        aspect: str = "squash",
         patch_size: int = 256,
         patch_stride: int = 128,
         sub_size: int = 64,
@@ -258,6 +278,8 @@ class CPCAD(Detector):
             isinstance(test_negatives, bool) or not isinstance(test_negatives, int) or test_negatives < 1
         ):
             raise ValueError(f"test_negatives must be None or a positive int, got {test_negatives!r}")
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
         if credit not in CREDITS:
             raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
         if lr_schedule not in LR_SCHEDULES:
@@ -267,6 +289,7 @@ class CPCAD(Detector):
         if score_norm not in SCORE_NORMS:
             raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
         self.image_size, self.patch_size, self.patch_stride = image_size, patch_size, patch_stride
+        self.aspect = aspect
         self.sub_size, self.sub_stride, self.layout, self.stem = sub_size, sub_stride, layout, stem
         self.widths, self.blocks = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
         self.shared_encoder, self.directions = bool(shared_encoder), tuple(directions)
@@ -293,7 +316,8 @@ class CPCAD(Detector):
     # -- configuration --------------------------------------------------------------------------
     def _get_config(self) -> dict:
         return {
-            "image_size": self.image_size, "patch_size": self.patch_size, "patch_stride": self.patch_stride,
+            "image_size": self.image_size, "aspect": self.aspect, "patch_size": self.patch_size,
+            "patch_stride": self.patch_stride,
             "sub_size": self.sub_size, "sub_stride": self.sub_stride, "layout": self.layout,
             "stem": self.stem,
             "widths": list(self.widths), "blocks": list(self.blocks), "shared_encoder": self.shared_encoder,
@@ -364,7 +388,32 @@ class CPCAD(Detector):
             return [e.reshape(-1, m, m, e.shape[-1]) for e in self.model_.encode(flat)]
 
     def _resize(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 (C, H_i, W_i) images -> uint8 (B, C, S, S) on the device, per ``aspect``."""
+        if self.aspect == "pad":
+            images = [_pad_square(image) for image in images]
         return stack_resized(images, self.image_size).to(self.device)
+
+    def _content_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of an (h, w) image inside its square of side max(h, w)."""
+        h, w = size
+        if self.aspect == "squash":
+            return 0, 0, h, w
+        side = max(h, w)
+        return (side - h) // 2, (side - w) // 2, h, w
+
+    def _valid_cells(self, sizes: Sequence[tuple[int, int]]) -> torch.Tensor | None:
+        """(N, G, G) bool: sub-patches that overlap their image (None: all do, as with squash)."""
+        if self.aspect == "squash":
+            return None
+        g, starts = self.grid_size, torch.arange(self.grid_size) * self.sub_stride
+        masks = []
+        for size in sizes:
+            top, left, h, w = self._content_box(size)
+            scale = self.image_size / max(size)
+            rows = (starts + self.sub_size > top * scale) & (starts < (top + h) * scale)
+            cols = (starts + self.sub_size > left * scale) & (starts < (left + w) * scale)
+            masks.append(rows[:, None] & cols[None, :])
+        return torch.stack(masks) if masks else torch.ones(0, g, g, dtype=torch.bool)
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, data: Any, y: Any = None) -> CPCAD:
@@ -420,7 +469,7 @@ class CPCAD(Detector):
             std = train_grid.std(dim=0)
             self.score_stats_ = (train_grid.mean(dim=0), std.clamp(min=0.1 * float(std.median()) + 1e-6))
             train_grid = self._normalized(train_grid)
-        self._fit_threshold(self.image_scores_from(train_grid))
+        self._fit_threshold(self.image_scores_from(train_grid, [tuple(x.shape[1:]) for x in images]))
         return self
 
     def _random_crop(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -512,10 +561,19 @@ class CPCAD(Detector):
             return max(1, min(cells, round(self.top_k * cells)))
         return min(cells, self.top_k)
 
-    def image_scores_from(self, grid_scores: torch.Tensor) -> np.ndarray:
-        """Image scores (N,) = mean of the top-k of (N, G, G) sub-patch scores."""
+    def image_scores_from(self, grid_scores: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+        """Image scores (N,) = mean of the top-k of (N, G, G) sub-patch scores.
+
+        ``sizes`` (the images' (H, W)) matter with ``aspect="pad"``: cells wholly in the margin are
+        left out (the count k stays that of the full grid, capped by the cells left)."""
         flat = grid_scores.reshape(grid_scores.shape[0], -1)
-        return flat.topk(self._top_k(), dim=1).values.mean(1).double().numpy()
+        valid = self._valid_cells(sizes) if sizes is not None else None
+        if valid is None:
+            return flat.topk(self._top_k(), dim=1).values.mean(1).double().numpy()
+        valid = valid.reshape(flat.shape)
+        flat = flat.masked_fill(~valid, float("-inf"))
+        k = min(self._top_k(), int(valid.sum(1).min()))
+        return flat.topk(k, dim=1).values.mean(1).double().numpy()
 
     def maps_from(self, grid_scores: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Pixel maps: overlap-averaged sub-patch scores (``fold_patches``), resized to each size."""
@@ -523,9 +581,11 @@ class CPCAD(Detector):
         maps = []
         for index, (h, w) in enumerate(sizes):
             m = folded[index][None, None]
-            if (h, w) != (self.image_size, self.image_size):
-                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            maps.append(m[0, 0].numpy().astype(np.float32))
+            top, left, _, _ = self._content_box((h, w))
+            square = (h, w) if self.aspect == "squash" else (max(h, w),) * 2
+            if square != (self.image_size, self.image_size):
+                m = F.interpolate(m, size=square, mode="bilinear", align_corners=False)
+            maps.append(m[0, 0, top : top + h, left : left + w].numpy().astype(np.float32))
         return maps
 
     @torch.no_grad()
@@ -534,7 +594,8 @@ class CPCAD(Detector):
         self._check_ready()
         image_list = as_image_list(images, "images", min_size=self.sub_size)
         grid = self._normalized(self._subpatch_scores(image_list))
-        return self.image_scores_from(grid), self.maps_from(grid, [tuple(x.shape[1:]) for x in image_list])
+        sizes = [tuple(x.shape[1:]) for x in image_list]
+        return self.image_scores_from(grid, sizes), self.maps_from(grid, sizes)
 
     def decision_function(self, images: Any) -> np.ndarray:
         """Anomaly score per image (N,), higher = more anomalous: mean of the top-k sub-patch losses."""
@@ -542,7 +603,8 @@ class CPCAD(Detector):
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
         image_list = as_image_list(images, "images", min_size=self.sub_size)
         with torch.no_grad():
-            return self.image_scores_from(self._normalized(self._subpatch_scores(image_list)))
+            grid = self._normalized(self._subpatch_scores(image_list))
+        return self.image_scores_from(grid, [tuple(x.shape[1:]) for x in image_list])
 
     def anomaly_map(self, images: Any) -> np.ndarray | list[np.ndarray]:
         """Pixel anomaly maps at input resolution: (N, H, W) float32, or a list when sizes differ."""
