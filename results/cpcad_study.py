@@ -2,7 +2,8 @@
 
 Each run fits ``CPCAD(**BASE, **SETTINGS[name])`` on ``<root>/<set>/train/good``, scores the test
 split and records image AUROC for several top-k poolings (from the same sub-patch scores), every
-scoring-time variant (credit x score_norm, from the same trained model),
+scoring-time variant (credit x score_norm, from the same trained model), optionally a learning
+curve (``--curve 10,30,60``: AUROC at those epochs, with a temporary bank; fit_s excludes it),
 pixel AUROC and AUPRO at 256 x 256 (maps bilinear, masks nearest), per-defect numbers, the loss
 curve, fit and score wall time and the load average. The no-learning floors are in ``floors.py``.
 
@@ -115,21 +116,48 @@ def evaluate(detector: CPCAD, train_images, samples) -> dict:
     return out
 
 
-def run(root: str, name: str, setting: str, seed: int, extra: dict) -> dict:
+def curve_point(detector: CPCAD, train_images, samples, epoch: int, loss: float, fit_s: float) -> dict:
+    """Image / pixel AUROC (raw and position-normalised scores) of the model mid-training."""
+    labels = np.array([s.label for s in samples])
+    masks = resize_masks([s.mask for s in samples], (EVAL_SIZE, EVAL_SIZE)).numpy()
+    defects = [s.defect_type for s in samples]
+    train_grid, test_grid = detector.scores_now(train_images, [s.image for s in samples])
+    std = train_grid.std(0)
+    std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
+    point = {"epoch": epoch, "loss": round(loss, 4), "fit_s": round(fit_s, 1)}
+    for norm, grid in (("none", test_grid), ("position", (test_grid - train_grid.mean(0)) / std)):
+        m = _metrics(detector, grid, samples, labels, masks, defects)
+        point[norm] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"]}
+    return point
+
+
+def run(root: str, name: str, setting: str, seed: int, extra: dict, curve: set[int] = frozenset()) -> dict:
     config = {**BASE, **SETTINGS[setting], **extra, "seed": seed}
     train = MVTecDataset(root, name, "train")
     test = MVTecDataset(root, name, "test")
+    train_images = [train[i].image for i in range(len(train))]
+    samples = [test[i] for i in range(len(test))]
     load_before = os.getloadavg()[0]
+    points, spent = [], [0.0]
     tick = time.perf_counter()
-    detector = CPCAD(**config).fit(train)
-    fit_s = time.perf_counter() - tick
+
+    def on_epoch_end(detector: CPCAD, record: dict) -> None:
+        if record["epoch"] in curve:
+            start = time.perf_counter()
+            fit_s = start - tick - spent[0]
+            points.append(curve_point(detector, train_images, samples, record["epoch"], record["loss"], fit_s))
+            print("  curve", setting, seed, json.dumps(points[-1]), flush=True)
+            spent[0] += time.perf_counter() - start
+
+    detector = CPCAD(**config).fit(train, on_epoch_end=on_epoch_end)
+    fit_s = time.perf_counter() - tick - spent[0]
     tick = time.perf_counter()
-    metrics = evaluate(detector, [train[i].image for i in range(len(train))], [test[i] for i in range(len(test))])
+    metrics = evaluate(detector, train_images, samples)
     score_s = time.perf_counter() - tick
     return {
         "set": name, "setting": setting, "seed": seed, "extra": extra, "fit_s": round(fit_s, 1),
         "score_s": round(score_s, 1), "load_before": load_before, "load_after": os.getloadavg()[0],
-        "threads": torch.get_num_threads(), "final_loss": detector.history_[-1] if detector.history_ else None,
+        "threads": torch.get_num_threads(), "curve": points, "final_loss": detector.history_[-1] if detector.history_ else None,
         "loss_curve": [round(v, 4) for v in detector.history_], **metrics,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
     }
@@ -143,10 +171,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--extra", default="{}", help="JSON overrides applied to every setting")
     parser.add_argument("--out", default="results/cpcad_study.jsonl")
+    parser.add_argument("--curve", default="", help="comma-separated epochs to evaluate at (learning curve)")
     args = parser.parse_args()
+    curve = {int(e) for e in args.curve.split(",") if e}
     for setting in args.settings.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            record = run(args.root, args.set, setting, seed, json.loads(args.extra))
+            record = run(args.root, args.set, setting, seed, json.loads(args.extra), curve)
             with open(args.out, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(setting, seed, record["image_auroc"], record["pixel_auroc"], record["fit_s"], flush=True)

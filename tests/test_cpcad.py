@@ -343,3 +343,19 @@ def test_pad_aspect_keeps_the_ratio_and_cuts_maps_back(synthetic):
     assert valid[1].all() and not valid[0].all() and valid[0][g // 2].all()
     assert not valid[0][0].any() and not valid[0][-1].any()  # rows wholly in the top / bottom margin
     np.testing.assert_allclose(det.decision_function(images), scores)
+
+
+def test_on_epoch_end_learning_curve_leaves_training_unchanged(synthetic):
+    train, samples = synthetic
+    images = [s.image for s in samples[:4]]
+    seen = []
+
+    def record(detector, info):
+        train_grid, grid = detector.scores_now(train, images)
+        seen.append((info["epoch"], grid.shape, detector.banks_ is None))
+
+    det = CPCAD(**TINY, epochs=2, seed=0).fit(train, on_epoch_end=record)
+    g = det.grid_size
+    assert seen == [(1, (4, g, g), True), (2, (4, g, g), True)]
+    plain = CPCAD(**TINY, epochs=2, seed=0).fit(train)
+    np.testing.assert_array_equal(det.decision_function(images), plain.decision_function(images))

@@ -416,13 +416,15 @@ class CPCAD(Detector):
         return torch.stack(masks) if masks else torch.ones(0, g, g, dtype=torch.bool)
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, data: Any, y: Any = None) -> CPCAD:
+    def fit(self, data: Any, y: Any = None, *, on_epoch_end=None) -> CPCAD:
         """Train on normal images, build the negative bank and fit ``threshold_``.
 
         Args:
             data: ``MVTecDataset`` / ``FolderDataset`` / any dataset of uint8 (C, H, W) images (or
                 tuples starting with one), a list of such tensors, or a uint8 (N, C, H, W) tensor.
             y: ignored (PyOD signature).
+            on_epoch_end: optional ``fn(detector, {"epoch": e, "loss": l})`` after every epoch
+                (learning curves: it may call :meth:`scores_now`); training resumes afterwards.
         """
         images = as_image_list(data, "data", min_size=self.sub_size)
         gen = torch.Generator().manual_seed(
@@ -461,6 +463,9 @@ class CPCAD(Detector):
                 self._progress(epoch, step + 1, steps, total / seen, start)
             self.history_.append(total / seen)
             self._progress(epoch, steps, steps, total / seen, start, end=True)
+            if on_epoch_end is not None:
+                on_epoch_end(self, {"epoch": epoch + 1, "loss": total / seen})
+                self.model_.train()
         self.model_.eval()
         self.banks_ = self._build_banks(images, gen)
         self.score_stats_ = None
@@ -471,6 +476,20 @@ class CPCAD(Detector):
             train_grid = self._normalized(train_grid)
         self._fit_threshold(self.image_scores_from(train_grid, [tuple(x.shape[1:]) for x in images]))
         return self
+
+    @torch.no_grad()
+    def scores_now(self, train_images: Any, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (N, G, G) sub-patch losses of ``train_images`` and ``images`` with the model as it is,
+        also mid-training: a temporary negative bank is built from ``train_images`` (seeded)."""
+        train_list = as_image_list(train_images, "train_images", min_size=self.sub_size)
+        image_list = as_image_list(images, "images", min_size=self.sub_size)
+        kept = self.banks_
+        self.model_.eval()
+        self.banks_ = self._build_banks(train_list, torch.Generator().manual_seed(self.seed or 0))
+        try:
+            return self._subpatch_scores(train_list), self._subpatch_scores(image_list)
+        finally:
+            self.banks_ = kept
 
     def _random_crop(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.crop_fraction == 1.0:
