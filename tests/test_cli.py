@@ -144,3 +144,24 @@ def test_module_entry_point_error_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "run folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_presets_build_and_the_cli_rejects_an_unknown_one(tmp_path):
+    from pyanomaly import CPCAD, AnoMem
+    from pyanomaly.cli import main
+
+    for cls in (CPCAD, AnoMem):
+        assert set(cls.PRESETS) == {"paper", "cpu"}
+        for name in cls.PRESETS:
+            detector = cls.preset(name, seed=3)
+            assert detector.seed == 3
+            for key, value in cls.PRESETS[name].items():
+                got, want = getattr(detector, key), value
+                if isinstance(got, tuple) and not isinstance(want, tuple):  # AnoMem keeps (h, w)
+                    want = (want,) * len(got)
+                assert got == want or tuple(got) == tuple(want), (cls.__name__, name, key)
+    assert CPCAD.preset("cpu", epochs=2).epochs == 2
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        CPCAD.preset("fast")
+    code = main(["fit", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "r"), "--preset", "nope"])
+    assert code == 2
