@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pyanomaly import CPCAD
 from pyanomaly.data import MVTecDataset, resize_masks
 from pyanomaly.metrics import aupro, image_auroc, pixel_auroc
+from pyanomaly.models.cpcad.detector import position_stats
 from pyanomaly.models.cpcad.torch_model import CREDITS
 
 EVAL_SIZE = 256
@@ -107,9 +108,8 @@ def evaluate(detector: CPCAD, train_images, samples) -> dict:
         for credit, negatives in [(c, None) for c in CREDITS] + [("target", 128)]:
             detector.credit, detector.test_negatives = credit, negatives
             train_grid, test_grid = detector._subpatch_scores(train_images), detector._subpatch_scores(images)
-            std = train_grid.std(0)
-            std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
-            for norm, grid in (("none", test_grid), ("position", (test_grid - train_grid.mean(0)) / std)):
+            mean, std = position_stats(train_grid)
+            for norm, grid in (("none", test_grid), ("position", (test_grid - mean) / std)):
                 variant = _metrics(detector, grid, samples, labels, masks, defects)
                 out["variants"][f"{credit}/{norm}" + (f"/neg{negatives}" if negatives else "")] = variant
     detector.credit, detector.test_negatives = configured
@@ -122,10 +122,9 @@ def curve_point(detector: CPCAD, train_images, samples, epoch: int, loss: float,
     masks = resize_masks([s.mask for s in samples], (EVAL_SIZE, EVAL_SIZE)).numpy()
     defects = [s.defect_type for s in samples]
     train_grid, test_grid = detector.scores_now(train_images, [s.image for s in samples])
-    std = train_grid.std(0)
-    std = std.clamp(min=0.1 * float(std.median()) + 1e-6)
+    mean, std = position_stats(train_grid)
     point = {"epoch": epoch, "loss": round(loss, 4), "fit_s": round(fit_s, 1)}
-    for norm, grid in (("none", test_grid), ("position", (test_grid - train_grid.mean(0)) / std)):
+    for norm, grid in (("none", test_grid), ("position", (test_grid - mean) / std)):
         m = _metrics(detector, grid, samples, labels, masks, defects)
         point[norm] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"]}
     return point

@@ -84,9 +84,10 @@ class AnoMem(Detector):
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score ("cpu", "cuda", "cuda:1").
-        precision: ``"auto"`` (bf16 autocast for the encoder where the hardware runs bf16 natively:
-            CUDA, or a CPU with AVX-512 BF16 / AMX; fp32 elsewhere), ``"bf16"`` or ``"fp32"``. Memories,
-            projections, NT-Xent and scores always run in fp32; the encoder runs channels_last.
+        precision: ``"auto"`` (bf16 autocast for the encoder where it is the fast path: CUDA with
+            bf16, CPUs with AMX; fp32 elsewhere, see ``pyanomaly.models._precision``), ``"bf16"`` or
+            ``"fp32"``. Memories, projections, NT-Xent and scores always run in fp32; the encoder
+            runs channels_last.
         eval_batch_size: images per scoring batch.
         verbose: print per-epoch progress to stderr.
 

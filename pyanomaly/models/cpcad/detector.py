@@ -93,6 +93,13 @@ def _pad_square(image: torch.Tensor) -> torch.Tensor:
     return F.pad(image[None].float(), pad, mode=mode)[0].round().to(torch.uint8)
 
 
+def position_stats(train_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid position, the mean and std (G, G) of the training images' (N, G, G) scores; the std
+    is floored at a tenth of its median, so near-constant positions do not blow up."""
+    std = train_grid.std(dim=0)
+    return train_grid.mean(dim=0), std.clamp(min=0.1 * float(std.median()) + 1e-6)
+
+
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
     """LambdaLR factor per optimiser step: linear warm-up, then constant or cosine decay to 0."""
 
@@ -171,10 +178,10 @@ class CPCAD(Detector):
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
             scoring draws are seeded too, so scores are deterministic.
         device: torch device for training and scoring.
-        precision: ``"auto"`` (bf16 autocast for the encoders where the hardware runs bf16 natively:
-            CUDA, or a CPU with AVX-512 BF16 / AMX; fp32 elsewhere), ``"bf16"`` or ``"fp32"``. The
-            predictors, InfoNCE and the scores are always fp32. The encoders also run channels_last.
-            Measured on this project's 2-core CPU: results/cpcad.md.
+        precision: ``"auto"`` (bf16 autocast for the encoders where it is the fast path: CUDA with
+            bf16, CPUs with AMX; fp32 elsewhere, including AVX-512-BF16 CPUs without AMX, where it
+            measured slower: ``pyanomaly.models._precision``), ``"bf16"`` or ``"fp32"``. The
+            predictors, InfoNCE and the scores are always fp32. The encoders run channels_last.
         verbose: progress bar and per-epoch loss on stderr.
 
     Attributes:
@@ -498,8 +505,7 @@ class CPCAD(Detector):
         self.score_stats_ = None
         train_grid = self._subpatch_scores(images)
         if self.score_norm == "position":
-            std = train_grid.std(dim=0)
-            self.score_stats_ = (train_grid.mean(dim=0), std.clamp(min=0.1 * float(std.median()) + 1e-6))
+            self.score_stats_ = position_stats(train_grid)
             train_grid = self._normalized(train_grid)
         self._fit_threshold(self.image_scores_from(train_grid, [tuple(x.shape[1:]) for x in images]))
         return self
@@ -570,7 +576,8 @@ class CPCAD(Detector):
 
     @torch.no_grad()
     def subpatch_scores(self, images: Any) -> torch.Tensor:
-        """Per-sub-patch anomaly scores (N, G, G) on the ``image_size`` grid (CPU float32)."""
+        """Per-sub-patch anomaly scores (N, G, G) on the ``image_size`` grid (CPU float32), after
+        ``score_norm``."""
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
         return self._normalized(self._subpatch_scores(as_image_list(images, "images", min_size=self.sub_size)))
