@@ -478,3 +478,16 @@ def test_random_grayscale_option():
     assert not torch.allclose(colour[:, 0], colour[:, 1])
     default, _ = simclr_view(images, AugmentConfig(jitter_p=0.0, noise_p=0.0), torch.Generator().manual_seed(0))
     assert torch.equal(default, colour)  # the default (0.0) draws nothing: seeded runs are unchanged
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_precision_runs_the_encoder_only_in_bf16(precision):
+    """bf16 autocast covers the encoder alone: the Hopfield op (float32/float64 only on CPU) and the
+    losses get fp32 maps, so a bf16 fit works on the CPU and its scores are finite."""
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    detector = AnoMem(**{**TINY, "epochs": 1}, precision=precision).fit(images)
+    maps = detector.model_.features(images[:4])
+    assert all(m.dtype == torch.float32 for m in maps)
+    assert np.isfinite(detector.decision_function(images[:8])).all()
+    with pytest.raises(ValueError, match="precision"):
+        AnoMem(**TINY, precision="half")

@@ -359,3 +359,11 @@ def test_on_epoch_end_learning_curve_leaves_training_unchanged(synthetic):
     assert seen == [(1, (4, g, g), True), (2, (4, g, g), True)]
     plain = CPCAD(**TINY, epochs=2, seed=0).fit(train)
     np.testing.assert_array_equal(det.decision_function(images), plain.decision_function(images))
+
+
+def test_bf16_precision_fits_and_scores_in_fp32(synthetic):
+    train, samples = synthetic
+    det = CPCAD(**TINY, epochs=1, seed=0, precision="bf16").fit(train)
+    windows = det._windows(det._resize([samples[0].image]), None)
+    assert windows[0].dtype == torch.bfloat16  # the encoder ran under autocast
+    assert det.banks_[0].dtype == torch.float32 and np.isfinite(det.decision_function(samples[:4])).all()

@@ -235,40 +235,33 @@ class AnoMemModel(nn.Module):
         """
         batch = first.shape[0]
         maps = self.features(torch.cat([first, second]))
-        with _fp32(first.device):
-            return self._memory_contrast(maps, batch, first_crop, second_crop, is_normal, sampling_ratios,
-                                         scale_weights, temperature, variance_weight, generator, negatives)
-
-    def _memory_contrast(self, maps, batch, first_crop, second_crop, is_normal, sampling_ratios, scale_weights,
-                         temperature, variance_weight, generator, negatives):
-        """The per-scale part of :meth:`contrastive_loss` on the encoder's fp32 maps (autocast off)."""
-        first_device = maps[0].device
-        total = maps[0].new_zeros((), dtype=torch.float32)
-        contrastive_sum, variance_sum = 0.0, 0.0
-        for s, fmap in enumerate(maps):
-            h, w = fmap.shape[-2:]
-            count = max(1, math.ceil(sampling_ratios[s] * h * w))
-            p1, p2 = matching_points(first_crop, second_crop, count, generator)
-            v1 = _sample(fmap[:batch], p1)  # (B * count, C)
-            v2 = _sample(fmap[batch:], p2)
-            memory = self.memories[s]
-            q1 = memory.states(v1)
-            q2 = memory.states(v2)
-            normal_rows = is_normal.repeat_interleave(count)
-            source_image = torch.arange(batch, device=first_device).repeat_interleave(count)
-            if bool(normal_rows.any()):
-                recalled, _ = memory.retrieve(q1[normal_rows])
-                q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
-                var = variance_loss(recalled)
-            else:
-                var = total.new_zeros(())
-            projector = self.projectors[s]
-            groups = source_image if negatives == "other_images" else None
-            contrast = nt_xent(projector(q1), projector(q2), temperature, groups)
-            total = total + scale_weights[s] * (contrast + variance_weight * var)
-            contrastive_sum += scale_weights[s] * float(contrast.detach())
-            variance_sum += scale_weights[s] * float(var.detach())
-        return total, {"contrastive": contrastive_sum, "variance": variance_sum}
+        with _fp32(first.device):  # the encoder's maps are fp32; nothing after it runs in bf16
+            total = first.new_zeros((), dtype=torch.float32)
+            contrastive_sum, variance_sum = 0.0, 0.0
+            for s, fmap in enumerate(maps):
+                h, w = fmap.shape[-2:]
+                count = max(1, math.ceil(sampling_ratios[s] * h * w))
+                p1, p2 = matching_points(first_crop, second_crop, count, generator)
+                v1 = _sample(fmap[:batch], p1)  # (B * count, C)
+                v2 = _sample(fmap[batch:], p2)
+                memory = self.memories[s]
+                q1 = memory.states(v1)
+                q2 = memory.states(v2)
+                normal_rows = is_normal.repeat_interleave(count)
+                source_image = torch.arange(batch, device=first.device).repeat_interleave(count)
+                if bool(normal_rows.any()):
+                    recalled, _ = memory.retrieve(q1[normal_rows])
+                    q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
+                    var = variance_loss(recalled)
+                else:
+                    var = total.new_zeros(())
+                projector = self.projectors[s]
+                groups = source_image if negatives == "other_images" else None
+                contrast = nt_xent(projector(q1), projector(q2), temperature, groups)
+                total = total + scale_weights[s] * (contrast + variance_weight * var)
+                contrastive_sum += scale_weights[s] * float(contrast.detach())
+                variance_sum += scale_weights[s] * float(var.detach())
+            return total, {"contrastive": contrastive_sum, "variance": variance_sum}
 
 
 def _fp32(device: torch.device):
