@@ -49,6 +49,8 @@ __all__ = [
     "probe_fused",
     "roofline",
     "add_ratios",
+    "op_row",
+    "time_call",
 ]
 
 SCALES = ("quick", "default", "full")
@@ -211,6 +213,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_call(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """Seconds one ``fn()`` takes: CUDA events around it on a GPU (device time, no host-side
+    jitter; earlier queued work is waited for first), the host clock on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def op_row(spec: OpSpec, case: Case, res: dict, roof: dict, kernels: dict) -> dict:
+    """One result row of an op measurement (bench.run and bench.device_check write the same rows)."""
+    res.pop("traceback", None)
+    row = {"op": case.op, "group": spec.group, "size": case.size, "provider": case.provider,
+           "mode": case.mode, "params": case.params, **res, **derived(spec, case, res, roof)}
+    if case.provider == "fused":
+        row["fused_is"] = res.get("fused_is", kernels[spec.name])
+    return row
+
+
 # --------------------------------------------------------------------------------------------
 # resident memory (Linux): VmRSS / VmHWM of this process, and a reset of the high-water mark
 
@@ -287,17 +316,7 @@ def measure(case: Case, device: str, scale: str, seed: int = 0) -> dict:
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < max_rep and (len(times) < min_rep or time.perf_counter() - start < budget):
-            if dev.type == "cuda":  # CUDA events around the call: device time, no host-side jitter
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            times.append(time_call(fn, dev))
         result["times_s"] = times
         result["median_s"] = statistics.median(times)
         if dev.type == "cuda":
@@ -470,16 +489,7 @@ def roofline(device: str, quick: bool = False) -> dict:
 
     def best(fn, reps=10):
         fn()
-        _sync(dev)
-        out = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(out)
+        return statistics.median(time_call(fn, dev) for _ in range(reps))
 
     t_copy = best(lambda: dst.copy_(src))
     size = 4096 if quick else 8192

@@ -289,12 +289,7 @@ def stage_ops(out: Path, dry_run: bool, limit: float) -> dict:
     rows = []
     with open(out / "ops.jsonl", "w") as stream:
         for spec, case in todo:
-            res = H.measure(case, device, "quick" if dry_run else "default")
-            res.pop("traceback", None)
-            row = {"op": case.op, "group": spec.group, "size": case.size, "provider": case.provider,
-                   "mode": case.mode, "params": case.params, **res, **H.derived(spec, case, res, roof)}
-            if case.provider == "fused":
-                row["fused_is"] = res.get("fused_is", kernels[spec.name])
+            row = H.op_row(spec, case, H.measure(case, device, "quick" if dry_run else "default"), roof, kernels)
             rows.append(row)
             stream.write(json.dumps(row, default=str) + "\n")
             stream.flush()
@@ -329,24 +324,10 @@ def training_cases(dry_run: bool) -> list[tuple[str, str, dict]]:
 
 
 def _time_steps(step, device: str, steps: int) -> list[float]:
-    import torch
+    from bench._harness import time_call
 
     step()  # warm-up
-    times = []
-    for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            tick = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - tick)
-    return times
+    return [time_call(step, device) for _ in range(steps)]
 
 
 def _cpcad_step(config: dict, device: str):

@@ -84,12 +84,7 @@ def run_ops(args, roof: dict) -> tuple[list, dict]:
                                      timeout=600 if case.provider == "compiled-ref" else 3600)
         else:
             res = H.measure(case, args.device, args.scale)
-        res.pop("traceback", None)
-        row = {"op": case.op, "group": spec.group, "size": case.size, "provider": case.provider,
-               "mode": case.mode, "params": case.params, **res, **H.derived(spec, case, res, roof)}
-        if case.provider == "fused":
-            row["fused_is"] = res.get("fused_is", kernels[spec.name])
-        rows.append(row)
+        rows.append(H.op_row(spec, case, res, roof, kernels))
         status = res.get("error") or f"{H.fmt_time(res.get('median_s'))}, {H.fmt_bytes(res.get('peak_bytes'))}"
         _log(f"  {case.id}: {status}  [{time.perf_counter() - t0:.1f} s]")
     return rows, kernels
