@@ -74,11 +74,10 @@ def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
 
 def preset_config(method: str, name: str) -> dict[str, Any]:
     """The constructor arguments of ``method``'s preset ``name`` (CLIError when there is none)."""
-    presets = get_method(method).PRESETS
-    if name not in presets:
-        choices = ", ".join(presets) or "none"
-        raise CLIError(f"unknown preset {name!r} for method {method!r}; choose one of: {choices}")
-    return presets[name]
+    try:
+        return get_method(method).preset_arguments(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -317,7 +316,7 @@ def add_fit_parser(commands) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    config = dict(preset_config(args.method, args.preset)) if args.preset else {}
+    config = preset_config(args.method, args.preset) if args.preset else {}
     config.update({
         key: value
         for key, value in (

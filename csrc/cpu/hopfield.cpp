@@ -54,10 +54,14 @@ Tensor rows_where(const std::vector<int64_t>& rows) {
   return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
 }
 
+// The logits (Na, M) of one update of the rows `x` (Na, D), as the plain loop forms them. The
+// forward and the backward's recompute both call this, so they see the very same numbers.
+Tensor step_logits(const Tensor& x, const Tensor& memory, double beta) { return at::mm(x * beta, memory.t()); }
+
 // One update of the rows `x` (Na, D), the plain loop's arithmetic on a (Na, M) scratch:
 // returns (new state softmax(beta x X^T) X (Na, D), logsumexp of the logits (Na,)).
 std::tuple<Tensor, Tensor> update_rows(const Tensor& x, const Tensor& memory, double beta) {
-  const Tensor logits = at::mm(x * beta, memory.t());
+  const Tensor logits = step_logits(x, memory, beta);
   return {at::mm(at::_softmax(logits, 1, false), memory), at::logsumexp(logits, {1})};
 }
 
@@ -196,7 +200,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
           const Tensor g_rows = pick(g);
           // The plain loop's softmax and softmax backward on the block, recomputed from the saved
           // state: P normalised from these very logits, dS = P * (dP - sum(P * dP)).
-          const Tensor prob = at::_softmax(at::mm(x * beta, memory.t()), 1, false);
+          const Tensor prob = at::_softmax(step_logits(x, memory, beta), 1, false);
           const Tensor dscore = at::_softmax_backward_data(at::mm(g_rows, memory.t()), prob, 1, prob.scalar_type());
           if (grad_memory) {
             grad_memory_acc.addmm_(prob.t(), g_rows);

@@ -64,11 +64,17 @@ class Detector:
         self.labels_: np.ndarray | None = None
 
     @classmethod
+    def preset_arguments(cls, name: str) -> dict[str, Any]:
+        """The constructor arguments of the named preset (a ValueError naming the choices if none)."""
+        if name not in cls.PRESETS:
+            choices = ", ".join(cls.PRESETS) or "none"
+            raise ValueError(f"unknown preset {name!r} for {cls.__name__}; choose one of: {choices}")
+        return dict(cls.PRESETS[name])
+
+    @classmethod
     def preset(cls, name: str, **overrides: Any) -> Detector:
         """A detector built from the named preset, with ``overrides`` applied on top."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown preset {name!r} for {cls.__name__}; choose one of: {', '.join(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
+        return cls(**{**cls.preset_arguments(name), **overrides})
 
     # -- the contract -------------------------------------------------------------------------
     def fit(self, data, *args, **kwargs) -> Detector:

@@ -582,7 +582,11 @@ class CPCAD(Detector):
         ``score_norm``."""
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
-        return self._normalized(self._subpatch_scores(as_image_list(images, "images", min_size=self.sub_size)))
+        return self._scores(as_image_list(images, "images", min_size=self.sub_size))
+
+    def _scores(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(N, G, G) sub-patch scores after ``score_norm``: what every scoring entry point returns."""
+        return self._normalized(self._subpatch_scores(images))
 
     def _normalized(self, grid_scores: torch.Tensor) -> torch.Tensor:
         """(N, G, G) raw losses -> the scores ``score_norm`` asks for."""
@@ -648,7 +652,7 @@ class CPCAD(Detector):
         """Image scores (N,) and pixel maps (one (H_i, W_i) array per image) in one pass."""
         self._check_ready()
         image_list = as_image_list(images, "images", min_size=self.sub_size)
-        grid = self._normalized(self._subpatch_scores(image_list))
+        grid = self._scores(image_list)
         sizes = [tuple(x.shape[1:]) for x in image_list]
         return self.image_scores_from(grid, sizes), self.maps_from(grid, sizes)
 
@@ -658,7 +662,7 @@ class CPCAD(Detector):
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
         image_list = as_image_list(images, "images", min_size=self.sub_size)
         with torch.no_grad():
-            grid = self._normalized(self._subpatch_scores(image_list))
+            grid = self._scores(image_list)
         return self.image_scores_from(grid, [tuple(x.shape[1:]) for x in image_list])
 
     def anomaly_map(self, images: Any) -> np.ndarray | list[np.ndarray]:
