@@ -129,7 +129,7 @@ def fit_run(method: str, data: str | Path, category: str, out: str | Path, confi
         "method": method,
         "data": str(data.resolve()),
         "category": category,
-        "config": detector._get_config(),
+        "config": detector.config(),
         "fit_seconds": round(seconds, 1),
         "train_images": len(dataset),
         "history": list(getattr(detector, "history_", [])),

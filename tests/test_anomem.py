@@ -344,26 +344,32 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, match):
 
 def test_bad_inputs_name_the_argument(one_class):
     detector = AnoMem(**TINY)
-    with pytest.raises(ValueError, match="normal"):
-        detector.fit(torch.zeros(4, 32, 32, 3, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="normal"):
+    with pytest.raises(ValueError, match=r"data\[0\] has shape \(5, 32, 32\)"):
+        detector.fit(torch.zeros(4, 5, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"data\[0\]: float images must lie in \[0, 1\]"):
         detector.fit(torch.full((4, 3, 32, 32), 2.0))
-    with pytest.raises(ValueError, match="normal"):
+    with pytest.raises(FileNotFoundError, match="data: image file not found: images/"):
         detector.fit("images/")
-    with pytest.raises(ValueError, match="normal"):
+    with pytest.raises(ValueError, match="data must hold at least 2 normal images"):
         detector.fit(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="anomalies"):
-        detector.fit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), anomalies=torch.zeros(2, 1, 32, 32).byte())
-    with pytest.raises(ValueError, match="anomalies"):
+    with pytest.raises(ValueError, match=r"y must be 4 labels"):
+        detector.fit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), [0, 1])
+    with pytest.raises(ValueError, match=r"anomalies\[0\]: float images"):
+        detector.fit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), anomalies=torch.full((2, 1, 32, 32), -1.0))
+    with pytest.raises(ValueError, match="anomalies is empty"):
         detector.fit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), anomalies=[])
     with pytest.raises(RuntimeError, match="not fitted"):
         detector.decision_function(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="images .*channels"):
-        one_class.decision_function(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="images"):
+    with pytest.raises(ValueError, match=r"images\[0\] contains NaN"):
         one_class.decision_function(torch.full((2, 3, 32, 32), float("nan")))
-    with pytest.raises(ValueError, match="images"):
+    with pytest.raises(ValueError, match="images is empty"):
         one_class.decision_function(torch.zeros(0, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_gray_input_follows_a_colour_model(one_class):
+    """A gray image given to a colour model is replicated to RGB (as a gray file would be read)."""
+    gray = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    np.testing.assert_array_equal(one_class.decision_function(gray), one_class.decision_function(gray.expand(2, 3, 32, 32)))
 
 
 # -- protocols -------------------------------------------------------------------------------------

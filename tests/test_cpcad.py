@@ -113,7 +113,7 @@ def test_save_load_identical_scores(fitted, synthetic, tmp_path):
     np.testing.assert_array_equal(a_scores, b_scores)
     np.testing.assert_array_equal(np.stack(a_maps), np.stack(b_maps))
     assert loaded.threshold_ == fitted.threshold_ and loaded.history_ == fitted.history_
-    assert loaded._get_config() == fitted._get_config()
+    assert loaded.config() == fitted.config()
 
 
 def test_seed_reproducible_on_cpu(synthetic):
@@ -156,15 +156,16 @@ def test_four_separate_encoders_and_fast_stem(synthetic):
 @pytest.mark.parametrize(
     "data, error, match",
     [
-        (torch.zeros(2, 64, 64, dtype=torch.uint8), ValueError, "data must be a uint8 tensor of shape"),
-        (torch.zeros(2, 1, 64, 64), TypeError, r"data\[0\] must be uint8"),
-        ([torch.zeros(1, 64, 64, dtype=torch.uint8), "x"], TypeError, r"data\[1\] must be a uint8 tensor"),
-        ([torch.zeros(2, 64, 64, dtype=torch.uint8)], ValueError, r"data\[0\] must have shape \(C, H, W\)"),
-        ([torch.zeros(64, 64, dtype=torch.uint8)], ValueError, r"data\[0\] must have shape \(C, H, W\)"),
+        (torch.zeros(2, 64, 64, dtype=torch.uint8), ValueError, r"data has shape \(2, 64, 64\): no channel axis"),
+        (torch.full((2, 1, 64, 64), 2.0), ValueError, r"data\[0\]: float images must lie in \[0, 1\]"),
+        (torch.full((2, 1, 64, 64), float("nan")), ValueError, r"data\[0\] contains NaN"),
+        (torch.zeros(2, 1, 64, 64, dtype=torch.int32), ValueError, r"data\[0\] must hold uint8 or float"),
+        ([torch.zeros(1, 64, 64, dtype=torch.uint8), "x"], FileNotFoundError, r"data\[1\]: image file not found: x"),
+        ([torch.zeros(2, 64, 64, dtype=torch.uint8)], ValueError, r"data\[0\] has shape \(2, 64, 64\)"),
         ([], ValueError, "data is empty"),
-        ([torch.zeros(1, 6, 64, dtype=torch.uint8)], ValueError, r"data\[0\] is 6x64 pixels, smaller than"),
-        ("images/", TypeError, "data must be a dataset"),
-        (42, TypeError, "data must be a dataset"),
+        ([torch.zeros(1, 6, 64, dtype=torch.uint8)], ValueError, r"data\[0\] is 6x64 pixels; this detector needs at least 8"),
+        ("images/", FileNotFoundError, "data: image file not found: images/"),
+        (42, TypeError, "data must be image paths, a folder"),
     ],
 )
 def test_bad_fit_input(data, error, match):
@@ -173,10 +174,10 @@ def test_bad_fit_input(data, error, match):
 
 
 def test_bad_scoring_input(fitted):
-    with pytest.raises(ValueError, match="images must be a uint8 tensor of shape"):
-        fitted.decision_function(torch.zeros(1, 64, 64, dtype=torch.uint8))
-    with pytest.raises(TypeError, match=r"images\[0\] must be uint8"):
-        fitted.anomaly_map([torch.zeros(1, 64, 64)])
+    with pytest.raises(ValueError, match=r"images has shape \(5, 64, 64\): no channel axis"):
+        fitted.decision_function(torch.zeros(5, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"images\[0\]: float images must lie in \[0, 1\]"):
+        fitted.anomaly_map([torch.full((1, 64, 64), 255.0)])
 
 
 def test_not_fitted():

@@ -1,12 +1,20 @@
 """Mixed precision shared by the detectors: the dtype their encoders run in, and its autocast.
 
-``precision="auto"`` (the default) runs the encoders under bf16 autocast where bf16 is the fast path:
-CUDA with bf16, and CPUs with AMX tiles (``amx_bf16``); elsewhere fp32. A CPU with AVX-512 BF16 but no
-AMX stays fp32: on this project's 2-core Xeon (avx512_bf16, no AMX) bf16 autocast made encoder
-fwd+bwd slower than fp32 channels_last (ResNet-18 at 32 px, batch 128: 2.70 s vs 2.44 s; CPC-AD's
-fast-stem encoder on 1800 sub-patches of 32 px: 0.322 s vs 0.236 s; results/cpcad.md). ``"bf16"``
-forces autocast (emulated and slow without native support), ``"fp32"`` turns it off. What follows the encoders (CPC-AD's predictors, InfoNCE and scores; AnoMem's memories,
-projections and NT-Xent) always runs in fp32: the detectors cast the encoder outputs explicitly.
+``precision="auto"`` (the default) runs the encoders under bf16 autocast on CUDA devices with bf16,
+and in fp32 on every CPU. Two CPU measurements decided that:
+
+- Without AMX (a 2-core Xeon with avx512_bf16 only) bf16 autocast made encoder fwd+bwd slower than
+  fp32 channels_last (ResNet-18 at 32 px, batch 128: 2.70 s vs 2.44 s; CPC-AD's fast-stem encoder on
+  1800 sub-patches of 32 px: 0.322 s vs 0.236 s).
+- With AMX (a 2-core Xeon with amx_bf16, torch 2.13 CPU), bf16 autocast gives intermittent
+  non-finite weight gradients in the encoder's stride-2 convolution on 2 x 2 maps: 8 of 10 one-step
+  CPC-AD fits at a tiny config ended with a NaN weight (fp32: 0 of 10), and the encoder alone showed
+  it in 1 of 20 NCHW trials (``results/bf16_cpu_nan.py``). A silently corrupted model is worse than a
+  slower one, so "auto" keeps CPUs in fp32 until a torch release passes that script.
+
+``"bf16"`` forces autocast (the user's choice, on any device), ``"fp32"`` turns it off. What follows
+the encoders (CPC-AD's predictors, InfoNCE and scores; AnoMem's memories, projections and NT-Xent)
+always runs in fp32: the detectors cast the encoder outputs explicitly.
 """
 
 from __future__ import annotations
@@ -28,12 +36,10 @@ def check_precision(precision: str) -> str:
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether bf16 autocast is the fast path for convolutions on ``device`` (see the module docstring)."""
+    """Whether "auto" picks bf16 autocast on ``device``: CUDA with bf16 only (see the module docstring)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and "amx_bf16" in _cpu_flags()
     return False
 
 

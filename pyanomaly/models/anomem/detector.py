@@ -3,13 +3,13 @@
 Stage 1 learns an encoder and per-scale modern-Hopfield memories of the normal class with a
 memory-augmented SimCLR loss; stage 2 scores the deviation between the features and their memory
 recollection: its norm (one-class) or per-scale classifiers trained with the double-hinge loss when a
-few labelled anomalies are given (semi-supervised). ``fit(normal)`` / ``fit(normal, anomalies)``.
+few labelled anomalies are given (semi-supervised). ``fit(normal)``, ``fit(images, y)`` (y = 1 marks
+the labelled anomalies) or ``fit(normal, anomalies=...)``.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyanomaly.data import stack_resized
+from pyanomaly._progress import logger, progress
+from pyanomaly.data import as_images, stack_resized
 from pyanomaly.models.anomem.augment import AugmentConfig, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
 from pyanomaly.models._precision import check_precision, encoder_autocast
-from pyanomaly.models.base import Detector
+from pyanomaly.models.base import Detector, resolve_device
 
 __all__ = ["AnoMem"]
 
@@ -83,13 +84,13 @@ class AnoMem(Detector):
         augment: overrides of :class:`~pyanomaly.models.anomem.augment.AugmentConfig` fields.
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
-        device: where to train and score ("cpu", "cuda", "cuda:1").
-        precision: ``"auto"`` (bf16 autocast for the encoder where it is the fast path: CUDA with
-            bf16, CPUs with AMX; fp32 elsewhere, see ``pyanomaly.models._precision``), ``"bf16"`` or
-            ``"fp32"``. Memories, projections, NT-Xent and scores always run in fp32; the encoder
-            runs channels_last.
+        device: where to train and score: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1".
+        precision: ``"auto"`` (bf16 autocast for the encoder on CUDA with bf16; fp32 on CPUs, see
+            ``pyanomaly.models._precision``), ``"bf16"`` or ``"fp32"``. Memories, projections,
+            NT-Xent and scores always run in fp32; the encoder runs channels_last.
         eval_batch_size: images per scoring batch.
-        verbose: print per-epoch progress to stderr.
+        verbose: progress bars (tqdm, stderr) while training and scoring; per-epoch losses go to the
+            ``"pyanomaly"`` logger at INFO either way.
 
     Attributes:
         model_: the trained :class:`AnoMemModel`.
@@ -144,7 +145,7 @@ class AnoMem(Detector):
         augment: dict | None = None,
         contamination: float = 0.1,
         seed: int = 0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         precision: str = "auto",
         eval_batch_size: int = 256,
         verbose: bool = False,
@@ -218,14 +219,7 @@ class AnoMem(Detector):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}"
-            ) from exc
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device is {device!r} but CUDA is not available")
+        self.device = resolve_device(device)
         self.precision = check_precision(precision)
         self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
         self.verbose = bool(verbose)
@@ -248,17 +242,14 @@ class AnoMem(Detector):
         return encoder_autocast(self.precision, self.device)
 
     def _log(self, text: str) -> None:
-        if self.verbose:
-            print(f"[anomem] {text}", file=sys.stderr, flush=True)
+        logger.info("anomem %s", text)
 
-    def _images(self, data, name: str, *, fitted: bool) -> torch.Tensor:
-        """Validate and convert ``data`` to float (N, C, H, W) in [0, 1] at the working size (CPU)."""
-        images = _as_float_images(data, name, self.fit_size_ if fitted else self.image_size)
-        if fitted and images.shape[1] != self.in_channels_:
-            raise ValueError(
-                f"{name} has {images.shape[1]} channels but the model was fitted on {self.in_channels_}"
-            )
-        return images
+    def _images(self, data, name: str, *, fitted: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Any accepted input (``pyanomaly.data.as_images``) -> (float (N, C, H, W) in [0, 1] at the
+        working size on CPU, each image's own (H, W)). After fit, gray or colour follows the model."""
+        mode = None if not fitted else ("gray" if self.in_channels_ == 1 else "rgb")
+        images = as_images(data, name, mode=mode, min_size=8, allow_float=True)
+        return _stack_float(images, self.fit_size_ if fitted else self.image_size), [tuple(x.shape[1:]) for x in images]
 
     def _build_model(self, channels: int, size: tuple[int, int], mean=None, std=None) -> AnoMemModel:
         small = self.small_input if self.small_input is not None else max(size) <= 64
@@ -280,16 +271,16 @@ class AnoMem(Detector):
         ).to(memory_format=torch.channels_last)
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, normal, anomalies=None, *, on_epoch_end=None) -> AnoMem:
+    def fit(self, data, y=None, *, anomalies=None, on_epoch_end=None) -> AnoMem:
         """Train on normal images, plus labelled anomalies for the semi-supervised detector.
 
         Args:
-            normal: normal training images: uint8 or float in [0, 1], a tensor or array
-                (N, C, H, W), a sequence of (C, H, W) tensors, or a map-style dataset whose items
-                are images, (image, label) pairs or have ``.image`` (e.g. ``MVTecDataset``);
-                resized to ``image_size`` (default: the first image's size).
-            anomalies: optional labelled anomalous images in the same formats; given, stage 2
-                trains the per-scale classifiers, otherwise the detector is one-class.
+            data: training images, any form :func:`pyanomaly.data.as_images` takes (paths, a
+                folder, PIL images, arrays HWC/CHW, tensors, ``MVTecDataset`` ...), uint8 or float
+                in [0, 1]; resized to ``image_size`` (default: the first image's size).
+            y: optional (N,) labels for ``data``, 1 = a labelled anomaly (PyOD's convention).
+            anomalies: optional further labelled anomalous images. With any labelled anomaly,
+                stage 2 trains the per-scale classifiers; otherwise the detector is one-class.
             on_epoch_end: optional ``fn(detector, record)`` called after every stage-1 epoch with
                 that epoch's ``history_`` record (learning curves: it may score with
                 :meth:`scores_now`; training resumes in train mode afterwards).
@@ -298,18 +289,20 @@ class AnoMem(Detector):
             self.
         """
         start = time.perf_counter()
-        normal_x = _as_float_images(normal, "normal", self.image_size)
+        data_x, _ = self._images(data, "data", fitted=False)
+        normal_x, anomaly_x = data_x, data_x[:0]
+        if y is not None:
+            labels = torch.as_tensor(np.asarray(y).ravel())
+            if labels.shape != (len(data_x),) or not bool(torch.isin(labels, torch.tensor([0, 1])).all()):
+                raise ValueError(f"y must be {len(data_x)} labels of 0 (normal) or 1 (anomalous), got shape {np.shape(y)}")
+            normal_x, anomaly_x = data_x[labels == 0], data_x[labels == 1]
         if normal_x.shape[0] < 2:
-            raise ValueError(f"normal must hold at least 2 images, got {normal_x.shape[0]}")
+            raise ValueError(f"data must hold at least 2 normal images, got {normal_x.shape[0]}")
         size = tuple(normal_x.shape[-2:])
         if anomalies is not None:
-            anomaly_x = _as_float_images(anomalies, "anomalies", size)
-            if anomaly_x.shape[1] != normal_x.shape[1]:
-                raise ValueError(
-                    f"anomalies has {anomaly_x.shape[1]} channels but normal has {normal_x.shape[1]}"
-                )
-        else:
-            anomaly_x = normal_x.new_zeros((0, *normal_x.shape[1:]))
+            mode = "gray" if normal_x.shape[1] == 1 else "rgb"
+            extra = _stack_float(as_images(anomalies, "anomalies", mode=mode, min_size=8, allow_float=True), size)
+            anomaly_x = torch.cat([anomaly_x, extra])
         self.in_channels_, self.fit_size_ = int(normal_x.shape[1]), size
         self.semi_supervised_ = anomaly_x.shape[0] > 0
         mean = normal_x.mean(dim=(0, 2, 3))
@@ -322,8 +315,8 @@ class AnoMem(Detector):
         self._train_stage1(normal_x, anomaly_x, on_epoch_end)
         if self.semi_supervised_:
             self._train_classifiers(normal_x, anomaly_x)
-        train_scores = self._score(torch.cat([normal_x, anomaly_x]))
-        self._fit_threshold(train_scores)
+        train_scores, train_maps = self._scores_and_maps(torch.cat([normal_x, anomaly_x]))
+        self._fit_thresholds(train_scores, train_maps)
         self._log(f"fitted in {time.perf_counter() - start:.1f} s")
         return self
 
@@ -350,6 +343,7 @@ class AnoMem(Detector):
         gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         config = AugmentConfig(**self.augment)
         model.train()
+        bar = progress(self.epochs * steps_per_epoch, "anomem fit", self.verbose)
         for epoch in range(1, self.epochs + 1):
             tick = time.perf_counter()
             order = torch.randperm(n, generator=cpu_gen)
@@ -386,6 +380,8 @@ class AnoMem(Detector):
                 sums["loss"] += float(loss.detach())
                 sums["contrastive"] += parts["contrastive"]
                 sums["variance"] += parts["variance"]
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch}/{self.epochs}", loss=f"{float(loss.detach()):.4f}", refresh=False)
             record = {"stage": 1, "epoch": epoch, "lr": lr, "seconds": time.perf_counter() - tick}
             record.update({k: v / steps_per_epoch for k, v in sums.items()})
             self.history_.append(record)
@@ -397,6 +393,7 @@ class AnoMem(Detector):
             if on_epoch_end is not None:
                 on_epoch_end(self, record)
                 model.train()
+        bar.close()
 
     @torch.no_grad()
     def _pooled_deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -474,10 +471,13 @@ class AnoMem(Detector):
         """Yields (batch on the device, its per-scale deviation maps), ``eval_batch_size`` at a time."""
         model = self.model_
         model.eval()
-        for start in range(0, images.shape[0], self.eval_batch_size):
-            batch = images[start : start + self.eval_batch_size].to(self.device)
-            with self._autocast():
-                yield batch, model.deviations(batch)
+        many = images.shape[0] > self.eval_batch_size
+        with progress(images.shape[0], "anomem score", self.verbose and many, "image") as bar:
+            for start in range(0, images.shape[0], self.eval_batch_size):
+                batch = images[start : start + self.eval_batch_size].to(self.device)
+                with self._autocast():
+                    yield batch, model.deviations(batch)
+                bar.update(batch.shape[0])
 
     @torch.no_grad()
     def _scores_of(self, deviations: list[torch.Tensor]) -> torch.Tensor:
@@ -503,12 +503,12 @@ class AnoMem(Detector):
         fit scores with its classifiers, untrained until stage 2)."""
         if self.model_ is None:
             raise RuntimeError("this AnoMem has no model yet: call fit(...) first")
-        return self._score(self._images(images, "images", fitted=True))
+        return self._score(self._images(images, "images", fitted=True)[0])
 
     def scale_scores(self, images) -> np.ndarray:
         """Per-scale anomaly scores (N, S) before the weighted sum (Eq. 9 or 10)."""
         self._check_model()
-        return self._scale_scores(self._images(images, "images", fitted=True)).double().numpy()
+        return self._scale_scores(self._images(images, "images", fitted=True)[0]).double().numpy()
 
     @torch.no_grad()
     def score(self, images) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -526,10 +526,20 @@ class AnoMem(Detector):
             (scores (N,) float64, maps: N float32 arrays (H_i, W_i) at each input image's own size).
         """
         self._check_model()
-        sizes = _sizes(images)
-        x = self._images(images, "images", fitted=True)
+        x, sizes = self._images(images, "images", fitted=True)
+        scores, maps = self._scores_and_maps(x)
+        out = []
+        for amap, target in zip(maps, sizes):
+            if tuple(amap.shape) != tuple(target):
+                amap = F.interpolate(amap[None, None], size=target, mode="bilinear", align_corners=False)[0, 0]
+            out.append(amap.numpy().astype(np.float32))
+        return scores, out
+
+    @torch.no_grad()
+    def _scores_and_maps(self, x: torch.Tensor) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """Scores (N,) and the (H, W) maps at the working size of float (N, C, H, W) images, one pass."""
         scale_scores, maps = [], []
-        for batch, deviations in self._deviation_batches(x):  # one pass gives scores and maps
+        for batch, deviations in self._deviation_batches(x):
             scale_scores.append(self._scores_of(deviations).cpu())
             total = torch.zeros(batch.shape[0], 1, *batch.shape[-2:], device=self.device)
             for weight, d in zip(self.weights_, deviations):
@@ -537,15 +547,7 @@ class AnoMem(Detector):
                 up = F.interpolate(norm, size=batch.shape[-2:], mode="bilinear", align_corners=False)
                 total += weight * up
             maps.extend(total[:, 0].cpu())
-        scores = self._weighted_sum(torch.cat(scale_scores))
-        out = []
-        for i, amap in enumerate(maps):
-            target = sizes[i] if sizes is not None else tuple(amap.shape)
-            if tuple(amap.shape) != tuple(target):
-                amap = F.interpolate(amap[None, None], size=target, mode="bilinear", align_corners=False)
-                amap = amap[0, 0]
-            out.append(amap.numpy().astype(np.float32))
-        return scores, out
+        return self._weighted_sum(torch.cat(scale_scores)), maps
 
     def decision_function(self, images) -> np.ndarray:
         """Anomaly scores (N,), higher = more anomalous (Eq. 13: the scale-weighted sum).
@@ -555,49 +557,13 @@ class AnoMem(Detector):
                 (C, H, W) tensors or a dataset (as in :meth:`fit`); resized to the training size.
         """
         self._check_model()
-        return self._score(self._images(images, "images", fitted=True))
+        return self._score(self._images(images, "images", fitted=True)[0])
 
     def _check_model(self) -> None:
         if self.model_ is None:
             raise RuntimeError("this AnoMem is not fitted yet: call fit(...) or load(...) first")
 
-    # -- persistence ----------------------------------------------------------------------------
-    def _get_config(self) -> dict:
-        return {
-            "backbone": self.backbone,
-            "width": self.width,
-            "small_input": self.small_input,
-            "scales": list(self.scales),
-            "memory_sizes": list(self.memory_sizes),
-            "beta": self.beta,
-            "hopfield_iters": self.hopfield_iters,
-            "hopfield_tol": self.hopfield_tol,
-            "sampling_ratios": list(self.sampling_ratios),
-            "scale_weights": None if self.scale_weights is None else list(self.scale_weights),
-            "temperature": self.temperature,
-            "variance_weight": self.variance_weight,
-            "projection_dim": self.projection_dim,
-            "negatives": self.negatives,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "classifier_pool": self.classifier_pool,
-            "classifier_hidden": self.classifier_hidden,
-            "margin": self.margin,
-            "classifier_epochs": self.classifier_epochs,
-            "classifier_lr": self.classifier_lr,
-            "image_size": None if self.image_size is None else list(self.image_size),
-            "augment": dict(self.augment),
-            "contamination": self.contamination,
-            "seed": self.seed,
-            "device": str(self.device),
-            "precision": self.precision,
-            "eval_batch_size": self.eval_batch_size,
-            "verbose": self.verbose,
-        }
-
+    # -- state --------------------------------------------------------------------------------
     def _get_state(self) -> dict:
         self._check_model()
         return {
@@ -616,12 +582,6 @@ class AnoMem(Detector):
         self.model_.load_state_dict(state["model"])
         self.model_.to(self.device).eval()
         self.history_ = [dict(r) for r in state.get("history", [])]
-
-    def __repr__(self) -> str:
-        return (
-            f"AnoMem(backbone={self.backbone!r}, width={self.width}, scales={self.scales}, "
-            f"memory_sizes={self.memory_sizes}, epochs={self.epochs}, device={str(self.device)!r})"
-        )
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -663,90 +623,17 @@ def _float_tuple(value, name: str, *, length: int) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def _dataset_items(data, name: str) -> list:
-    """A map-style dataset -> its images (items may be tensors, (image, label) pairs or have .image)."""
-    items = []
-    for i in range(len(data)):
-        item = data[i]
-        if hasattr(item, "image"):
-            item = item.image
-        elif isinstance(item, (tuple, list)) and item:
-            item = item[0]
-        items.append(item)
-    if not items:
-        raise ValueError(f"{name} is an empty dataset")
-    return items
-
-
-def _sizes(data) -> list[tuple[int, int]] | None:
-    """Each input image's own (H, W), when ``data`` is a sequence or dataset of images."""
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor):
-        data = _dataset_items(data, "images")
-    if isinstance(data, (list, tuple)):
-        return [tuple(int(v) for v in np.shape(d)[-2:]) for d in data]
-    return None
-
-
-def _as_float_images(data, name: str, size: tuple[int, int] | None) -> torch.Tensor:
-    """uint8 / float [0, 1] images as a tensor, array, sequence or dataset -> float32 (N, C, H, W) on CPU."""
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor):
-        data = _dataset_items(data, name)
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(np.ascontiguousarray(data))
-    if isinstance(data, (list, tuple)):
-        if len(data) == 0:
-            raise ValueError(f"{name} is empty")
-        items = [torch.from_numpy(np.asarray(d)) if isinstance(d, np.ndarray) else d for d in data]
-        for i, item in enumerate(items):
-            if not isinstance(item, torch.Tensor) or item.ndim != 3:
-                raise ValueError(f"{name}[{i}] must be an image tensor (C, H, W), got {_describe(item)}")
-        dtypes = {item.dtype for item in items}
-        if dtypes == {torch.uint8}:
-            target = size if size is not None else tuple(items[0].shape[-2:])
-            data = stack_resized(items, target)
-        else:
-            shapes = {tuple(item.shape) for item in items}
-            if len(shapes) != 1:
-                raise ValueError(
-                    f"{name}: float images of different shapes {sorted(shapes)}; pass uint8 to resize"
-                )
-            data = torch.stack(items)
-    if not isinstance(data, torch.Tensor):
-        raise ValueError(
-            f"{name} must be images (N, C, H, W) as a tensor, numpy array or a sequence of (C, H, W) "
-            f"tensors, got {type(data).__name__}"
-        )
-    if data.ndim != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(data.shape)}")
-    if data.shape[0] == 0:
-        raise ValueError(f"{name} is empty (0 images)")
-    if data.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{name} must have 1 or 3 channels on axis 1 (N, C, H, W), got shape {tuple(data.shape)}"
-        )
-    if min(data.shape[-2:]) < 8:
-        raise ValueError(f"{name} images must be at least 8 px a side, got {tuple(data.shape[-2:])}")
-    if data.dtype == torch.uint8:
-        images = data.float() / 255.0
-    elif data.is_floating_point():
-        images = data.detach().float().cpu()
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
-        low, high = float(images.min()), float(images.max())
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"{name}: float images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]"
-            )
-    else:
-        raise ValueError(f"{name} must be uint8 or floating point, got {data.dtype}")
-    images = images.cpu()
-    if size is not None and tuple(images.shape[-2:]) != tuple(size):
-        images = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        images = images.clamp_(0, 1)
-    return images.contiguous()
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+def _stack_float(images: list[torch.Tensor], size: tuple[int, int] | None) -> torch.Tensor:
+    """(C, H_i, W_i) uint8 or float [0, 1] images -> float32 (N, C, H, W) in [0, 1] at ``size``
+    (default: the first image's), resized with antialiasing (uint8 through ``stack_resized``)."""
+    target = tuple(size) if size is not None else tuple(images[0].shape[-2:])
+    if all(image.dtype == torch.uint8 for image in images):
+        return (stack_resized(images, target).float() / 255.0).contiguous()
+    out = []
+    for image in images:
+        image = image.float()
+        if tuple(image.shape[-2:]) != target:
+            image = F.interpolate(image[None], size=target, mode="bilinear", align_corners=False, antialias=True)[0]
+            image = image.clamp_(0, 1)
+        out.append(image)
+    return torch.stack(out).contiguous()

@@ -1,6 +1,6 @@
 """CPC-AD: Contrastive Predictive Coding for anomaly detection and segmentation."""
 
-from pyanomaly.models.cpcad.detector import CPCAD, LAYOUTS, as_image_list
+from pyanomaly.models.cpcad.detector import CPCAD, LAYOUTS
 from pyanomaly.models.cpcad.torch_model import DIRECTIONS, CPCADModel
 
-__all__ = ["CPCAD", "CPCADModel", "DIRECTIONS", "LAYOUTS", "as_image_list"]
+__all__ = ["CPCAD", "CPCADModel", "DIRECTIONS", "LAYOUTS"]

@@ -8,7 +8,6 @@ score; overlapping sub-patch scores averaged onto pixels give the segmentation m
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,14 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyanomaly.data import stack_resized
-from pyanomaly.models._precision import check_precision, encoder_autocast
-from pyanomaly.models.base import Detector
+from pyanomaly._progress import logger, progress
+from pyanomaly.data import as_images, stack_resized
+from pyanomaly.models._precision import check_precision, encoder_autocast, resolve_precision
+from pyanomaly.models.base import Detector, resolve_device
 from pyanomaly.models.cpcad.torch_model import CREDITS, DIRECTIONS, CPCADModel, windows_from_grid, windows_to_grid
 from pyanomaly.nn.preact_resnet import STEMS
 from pyanomaly.ops import extract_patches, fold_patches
 
-__all__ = ["CPCAD", "LAYOUTS", "as_image_list"]
+__all__ = ["CPCAD", "LAYOUTS"]
 
 LAYOUTS = ("grid", "nested")
 LR_SCHEDULES = ("constant", "cosine")
@@ -33,51 +33,6 @@ SCORE_NORMS = ("none", "position")
 
 #: Greedy InfoMax's grayscale normalisation (loeweX/Greedy_InfoMax, STL-10 gray statistics).
 GIM_MEAN, GIM_STD = 0.4120, 0.2570
-
-
-def as_image_list(data: Any, name: str, *, min_size: int = 1) -> list[torch.Tensor]:
-    """Turn the accepted image inputs into a list of uint8 (C, H, W) tensors.
-
-    Accepted: a uint8 tensor (N, C, H, W); a sequence of uint8 (C, H, W) tensors; a dataset whose
-    items are such tensors or tuples starting with one (``MVTecDataset``, ``FolderDataset``).
-    C must be 1 or 3. ``name`` is the argument named in errors.
-    """
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 4:
-            raise ValueError(
-                f"{name} must be a uint8 tensor of shape (N, C, H, W), got shape {tuple(data.shape)}"
-            )
-        items: Sequence[Any] = list(data.unbind(0))
-    elif isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
-        raise TypeError(
-            f"{name} must be a dataset, a sequence of uint8 (C, H, W) tensors or a uint8 "
-            f"(N, C, H, W) tensor, got {type(data).__name__}"
-        )
-    else:
-        items = [data[i] for i in range(len(data))]
-    if len(items) == 0:
-        raise ValueError(f"{name} is empty")
-    images = []
-    for index, item in enumerate(items):
-        if isinstance(item, tuple) and item and isinstance(item[0], torch.Tensor):
-            item = item[0]
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(f"{name}[{index}] must be a uint8 tensor (C, H, W), got {type(item).__name__}")
-        if item.dtype != torch.uint8:
-            raise TypeError(f"{name}[{index}] must be uint8 (raw pixel values), got {item.dtype}")
-        if item.dim() != 3 or item.shape[0] not in (1, 3):
-            raise ValueError(
-                f"{name}[{index}] must have shape (C, H, W) with C = 1 or 3, got shape {tuple(item.shape)}"
-            )
-        if min(item.shape[1:]) < min_size:
-            raise ValueError(
-                f"{name}[{index}] is {item.shape[1]}x{item.shape[2]} pixels, smaller than the sub-patch "
-                f"(sub_size={min_size})"
-            )
-        images.append(item)
-    if len({img.shape[0] for img in images}) > 1:  # gray and RGB mixed: replicate gray (same luma)
-        images = [img.expand(3, -1, -1) if img.shape[0] == 1 else img for img in images]
-    return images
 
 
 def _pad_square(image: torch.Tensor) -> torch.Tensor:
@@ -177,12 +132,13 @@ class CPCAD(Detector):
         contamination: fraction of training scores above ``threshold_`` (PyOD).
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
             scoring draws are seeded too, so scores are deterministic.
-        device: torch device for training and scoring.
-        precision: ``"auto"`` (bf16 autocast for the encoders where it is the fast path: CUDA with
-            bf16, CPUs with AMX; fp32 elsewhere, including AVX-512-BF16 CPUs without AMX, where it
-            measured slower: ``pyanomaly.models._precision``), ``"bf16"`` or ``"fp32"``. The
-            predictors, InfoNCE and the scores are always fp32. The encoders run channels_last.
-        verbose: progress bar and per-epoch loss on stderr.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        precision: ``"auto"`` (bf16 autocast for the encoders on CUDA with bf16; fp32 on CPUs, where
+            it measured slower without AMX and gave intermittent NaN gradients with AMX:
+            ``pyanomaly.models._precision``), ``"bf16"`` or ``"fp32"``. The predictors, InfoNCE and
+            the scores are always fp32. The encoders run channels_last.
+        verbose: progress bars (tqdm, stderr) while training and scoring; per-epoch losses go to the
+            ``"pyanomaly"`` logger at INFO either way.
 
     Attributes:
         history_: mean training objective per epoch.
@@ -192,6 +148,7 @@ class CPCAD(Detector):
     """
 
     method = "cpcad"
+    grayscale = True
     #: ``CPCAD.preset(name, **overrides)``, ``pyanomaly fit --preset name``.
     #:
     #: - ``"paper"``: de Haan & Loewe's setting (768 px, 256/128 patches, 64/32 sub-patches, GIM stem,
@@ -258,7 +215,7 @@ class CPCAD(Detector):
         score_batch_size: int = 4,
         contamination: float = 0.1,
         seed: int | None = 0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         precision: str = "auto",
         verbose: bool = True,
     ) -> None:
@@ -339,36 +296,19 @@ class CPCAD(Detector):
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
         self.score_norm = score_norm
         self.seed = None if seed is None else int(seed)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.precision, self.verbose = check_precision(precision), bool(verbose)
         self.ratio = patch_stride // sub_stride
         self.patches_per_side = (image_size - patch_size) // patch_stride + 1
         self.grid_size = (self.patches_per_side - 1) * self.ratio + self.window
-        self.model_ = self._build_model()  # validates widths/blocks/directions now
+        with torch.device("meta"):  # validates widths/blocks/directions now, allocates nothing
+            self._new_model()
+        self.model_: CPCADModel | None = None
         self.banks_: list[torch.Tensor] | None = None
         self.score_stats_: tuple[torch.Tensor, torch.Tensor] | None = None  # (G, G) mean, std
         self.history_: list[float] = []
 
-    # -- configuration --------------------------------------------------------------------------
-    def _get_config(self) -> dict:
-        return {
-            "image_size": self.image_size, "aspect": self.aspect, "patch_size": self.patch_size,
-            "patch_stride": self.patch_stride,
-            "sub_size": self.sub_size, "sub_stride": self.sub_stride, "layout": self.layout,
-            "stem": self.stem,
-            "widths": list(self.widths), "blocks": list(self.blocks), "shared_encoder": self.shared_encoder,
-            "directions": list(self.directions), "prediction_steps": self.prediction_steps,
-            "num_negatives": self.num_negatives, "epochs": self.epochs, "batch_size": self.batch_size,
-            "lr": self.lr, "crop_fraction": self.crop_fraction, "hflip": self.hflip, "mean": self.mean,
-            "std": self.std, "top_k": self.top_k, "test_draws": self.test_draws,
-            "test_negatives": self.test_negatives, "bank_size": self.bank_size,
-            "direction_reduce": self.direction_reduce, "credit": self.credit, "lr_schedule": self.lr_schedule,
-            "warmup_epochs": self.warmup_epochs, "score_norm": self.score_norm,
-            "score_batch_size": self.score_batch_size,
-            "contamination": self.contamination, "seed": self.seed, "device": str(self.device),
-            "precision": self.precision, "verbose": self.verbose,
-        }
-
+    # -- state --------------------------------------------------------------------------------
     def _get_state(self) -> dict:
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet")
@@ -377,6 +317,7 @@ class CPCAD(Detector):
                 "score_stats": stats}
 
     def _set_state(self, state: dict) -> None:
+        self.model_ = self._build_model()
         self.model_.load_state_dict(state["model"])
         self.model_.to(self.device).eval()
         self.banks_ = [bank.to(self.device) for bank in state["banks"]]
@@ -384,16 +325,23 @@ class CPCAD(Detector):
         stats = state.get("score_stats")
         self.score_stats_ = None if stats is None else (stats[0].float(), stats[1].float())
 
+    def _new_model(self) -> CPCADModel:
+        return CPCADModel(
+            in_channels=1, directions=self.directions, shared_encoder=self.shared_encoder,
+            prediction_steps=self.prediction_steps, widths=self.widths, blocks=self.blocks,
+            strides=(1,) + (2,) * (len(self.widths) - 1), stem=self.stem,
+        )
+
     def _build_model(self) -> CPCADModel:
         with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
             if self.seed is not None:
                 torch.manual_seed(self.seed)
-            model = CPCADModel(
-                in_channels=1, directions=self.directions, shared_encoder=self.shared_encoder,
-                prediction_steps=self.prediction_steps, widths=self.widths, blocks=self.blocks,
-                strides=(1,) + (2,) * (len(self.widths) - 1), stem=self.stem,
-            )
+            model = self._new_model()
         return model.to(self.device, memory_format=torch.channels_last)
+
+    def _images(self, data: Any, name: str) -> list[torch.Tensor]:
+        """Any accepted input (``pyanomaly.data.as_images``) -> gray uint8 (1, H, W) images."""
+        return as_images(data, name, mode="gray", min_size=self.sub_size)
 
     def _autocast(self):
         return encoder_autocast(self.precision, self.device)
@@ -453,16 +401,16 @@ class CPCAD(Detector):
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, data: Any, y: Any = None, *, on_epoch_end=None) -> CPCAD:
-        """Train on normal images, build the negative bank and fit ``threshold_``.
+        """Train on normal images, build the negative bank and fit the thresholds.
 
         Args:
-            data: ``MVTecDataset`` / ``FolderDataset`` / any dataset of uint8 (C, H, W) images (or
-                tuples starting with one), a list of such tensors, or a uint8 (N, C, H, W) tensor.
-            y: ignored (PyOD signature).
+            data: normal images, any form :func:`pyanomaly.data.as_images` takes (paths, a folder,
+                PIL images, arrays, tensors, ``MVTecDataset`` ...); colour is converted to luma.
+            y: optional (N,) labels, 1 = anomalous: those images are left out (CPC-AD is one-class).
             on_epoch_end: optional ``fn(detector, {"epoch": e, "loss": l})`` after every epoch
                 (learning curves: it may call :meth:`scores_now`); training resumes afterwards.
         """
-        images = as_image_list(data, "data", min_size=self.sub_size)
+        images = _normal_only(self._images(data, "data"), y)
         gen = torch.Generator().manual_seed(
             self.seed if self.seed is not None else int(torch.randint(2**62, (1,)))
         )
@@ -479,6 +427,7 @@ class CPCAD(Detector):
         resized = self._resize(images) if self.crop_fraction == 1.0 else None
         self.history_ = []
         start = time.perf_counter()
+        bar = progress(self.epochs * steps, "cpcad fit", self.verbose)
         for epoch in range(self.epochs):
             order = torch.randperm(n, generator=gen).tolist()
             total, seen = 0.0, 0
@@ -490,18 +439,26 @@ class CPCAD(Detector):
                 flip = (torch.rand(len(index), generator=gen) < 0.5).to(self.device) if self.hflip else None
                 windows = self._windows(batch, flip)
                 _, _, objective = self.model_(windows, num_negatives=self.num_negatives, generator=neg_gen)
+                if not torch.isfinite(objective):
+                    raise FloatingPointError(
+                        f"training loss became {float(objective)} at epoch {epoch + 1}; lower lr (now {self.lr})"
+                        + (" or use precision='fp32'" if resolve_precision(self.precision, self.device) == "bf16" else "")
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()
                 schedule.step()
                 total += float(objective.detach()) * len(index)
                 seen += len(index)
-                self._progress(epoch, step + 1, steps, total / seen, start)
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{self.epochs}", loss=f"{total / seen:.4f}", refresh=False)
             self.history_.append(total / seen)
-            self._progress(epoch, steps, steps, total / seen, start, end=True)
+            logger.info("cpcad epoch %d/%d loss %.4f %.0fs", epoch + 1, self.epochs, total / seen,
+                        time.perf_counter() - start)
             if on_epoch_end is not None:
                 on_epoch_end(self, {"epoch": epoch + 1, "loss": total / seen})
                 self.model_.train()
+        bar.close()
         self.model_.eval()
         self.banks_ = self._build_banks(images, gen)
         self.score_stats_ = None
@@ -509,15 +466,18 @@ class CPCAD(Detector):
         if self.score_norm == "position":
             self.score_stats_ = position_stats(train_grid)
             train_grid = self._normalized(train_grid)
-        self._fit_threshold(self.image_scores_from(train_grid, [tuple(x.shape[1:]) for x in images]))
+        sizes = [tuple(x.shape[1:]) for x in images]
+        scale = [self.image_size / max(size) for size in sizes]  # maps at the working size, not full size
+        small = [(max(1, round(h * f)), max(1, round(w * f))) for (h, w), f in zip(sizes, scale)]
+        self._fit_thresholds(self.image_scores_from(train_grid, sizes), self.maps_from(train_grid, small))
         return self
 
     @torch.no_grad()
     def scores_now(self, train_images: Any, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (N, G, G) sub-patch losses of ``train_images`` and ``images`` with the model as it is,
         also mid-training: a temporary negative bank is built from ``train_images`` (seeded)."""
-        train_list = as_image_list(train_images, "train_images", min_size=self.sub_size)
-        image_list = as_image_list(images, "images", min_size=self.sub_size)
+        train_list = self._images(train_images, "train_images")
+        image_list = self._images(images, "images")
         kept = self.banks_
         self.model_.eval()
         self.banks_ = self._build_banks(train_list, torch.Generator().manual_seed(self.seed or 0))
@@ -534,24 +494,6 @@ class CPCAD(Detector):
         top = int(torch.randint(h - ch + 1, (1,), generator=gen))
         left = int(torch.randint(w - cw + 1, (1,), generator=gen))
         return image[:, top : top + ch, left : left + cw]
-
-    def _progress(
-        self, epoch: int, step: int, steps: int, loss: float, start: float, end: bool = False
-    ) -> None:
-        if not self.verbose:
-            return
-        tty = sys.stderr.isatty()
-        if not end and not tty:
-            return
-        width = 20
-        done = (epoch * steps + step) / max(1, self.epochs * steps)
-        bar = "#" * int(done * width) + "." * (width - int(done * width))
-        line = (
-            f"cpcad epoch {epoch + 1}/{self.epochs} [{bar}] step {step}/{steps} loss {loss:.4f} "
-            f"{time.perf_counter() - start:.0f}s"
-        )
-        sys.stderr.write(("\r" if tty else "") + line + ("\n" if end else ""))
-        sys.stderr.flush()
 
     @torch.no_grad()
     def _build_banks(self, images: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
@@ -582,7 +524,7 @@ class CPCAD(Detector):
         ``score_norm``."""
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
-        return self._scores(as_image_list(images, "images", min_size=self.sub_size))
+        return self._scores(self._images(images, "images"))
 
     def _scores(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(N, G, G) sub-patch scores after ``score_norm``: what every scoring entry point returns."""
@@ -601,6 +543,7 @@ class CPCAD(Detector):
         gen = torch.Generator(device=self.device).manual_seed(self.seed if self.seed is not None else 0)
         m, r, g, nh = self.window, self.ratio, self.grid_size, self.patches_per_side
         out = []
+        bar = progress(len(images), "cpcad score", self.verbose and len(images) > self.score_batch_size, "image")
         for i in range(0, len(images), self.score_batch_size):
             batch = self._resize(images[i : i + self.score_batch_size])
             b = batch.shape[0]
@@ -612,6 +555,8 @@ class CPCAD(Detector):
             sums = windows_to_grid(loss_sum.reshape(b, nh, nh, m, m), m, r, (g, g))
             counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))
             out.append((sums / counts.clamp(min=1)).cpu())
+            bar.update(b)
+        bar.close()
         return torch.cat(out)
 
     def _top_k(self) -> int:
@@ -651,7 +596,7 @@ class CPCAD(Detector):
     def score(self, images: Any) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores (N,) and pixel maps (one (H_i, W_i) array per image) in one pass."""
         self._check_ready()
-        image_list = as_image_list(images, "images", min_size=self.sub_size)
+        image_list = self._images(images, "images")
         grid = self._scores(image_list)
         sizes = [tuple(x.shape[1:]) for x in image_list]
         return self.image_scores_from(grid, sizes), self.maps_from(grid, sizes)
@@ -660,14 +605,20 @@ class CPCAD(Detector):
         """Anomaly score per image (N,), higher = more anomalous: mean of the top-k sub-patch losses."""
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet: call fit(...) or load(...) first")
-        image_list = as_image_list(images, "images", min_size=self.sub_size)
+        image_list = self._images(images, "images")
         with torch.no_grad():
             grid = self._scores(image_list)
         return self.image_scores_from(grid, [tuple(x.shape[1:]) for x in image_list])
 
-    def anomaly_map(self, images: Any) -> np.ndarray | list[np.ndarray]:
-        """Pixel anomaly maps at input resolution: (N, H, W) float32, or a list when sizes differ."""
-        _, maps = self.score(images)
-        if len({m.shape for m in maps}) == 1:
-            return np.stack(maps)
-        return maps
+
+def _normal_only(images: list[torch.Tensor], y: Any) -> list[torch.Tensor]:
+    """The images whose label in ``y`` is 0 (all of them when ``y`` is None)."""
+    if y is None:
+        return images
+    labels = np.asarray(y).ravel()
+    if labels.shape != (len(images),) or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"y must be {len(images)} labels of 0 (normal) or 1 (anomalous), got shape {np.shape(y)}")
+    kept = [image for image, label in zip(images, labels) if label == 0]
+    if not kept:
+        raise ValueError("y marks every image anomalous; CPC-AD trains on normal images (label 0)")
+    return kept
