@@ -131,7 +131,8 @@ class CPCAD(Detector):
         score_batch_size: images per scoring batch.
         contamination: fraction of training scores above ``threshold_`` (PyOD).
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
-            scoring draws are seeded too, so scores are deterministic.
+            scoring draws are seeded too, the same for every image, so an image's scores are
+            deterministic and do not depend on the images scored with it.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         precision: ``"auto"`` (bf16 autocast for the encoders on CUDA with bf16; fp32 on CPUs, where
             it measured slower without AMX and gave intermittent NaN gradients with AMX:
@@ -253,9 +254,9 @@ class CPCAD(Detector):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if not 0.0 < crop_fraction <= 1.0:
+        if not isinstance(crop_fraction, (int, float)) or not 0.0 < crop_fraction <= 1.0:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
-        if not lr > 0:
+        if not isinstance(lr, (int, float)) or not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if isinstance(top_k, bool) or not (
             (isinstance(top_k, int) and top_k >= 1) or (isinstance(top_k, float) and 0.0 < top_k <= 1.0)
@@ -265,7 +266,7 @@ class CPCAD(Detector):
             )
         if direction_reduce not in ("mean",):
             raise ValueError(f"direction_reduce must be 'mean', got {direction_reduce!r}")
-        if std <= 0:
+        if not isinstance(std, (int, float)) or std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
         if test_negatives is not None and (
             isinstance(test_negatives, bool) or not isinstance(test_negatives, int) or test_negatives < 1
@@ -295,6 +296,11 @@ class CPCAD(Detector):
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
         self.score_norm = score_norm
+        for name, value in (("lr", lr), ("mean", mean), ("std", std), ("crop_fraction", crop_fraction)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.seed = None if seed is None else int(seed)
         self.device = resolve_device(device)
         self.precision, self.verbose = check_precision(precision), bool(verbose)
@@ -540,7 +546,6 @@ class CPCAD(Detector):
     def _subpatch_scores(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(N, G, G) raw per-sub-patch losses (before ``score_norm``)."""
         self.model_.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.seed if self.seed is not None else 0)
         m, r, g, nh = self.window, self.ratio, self.grid_size, self.patches_per_side
         out = []
         bar = progress(len(images), "cpcad score", self.verbose and len(images) > self.score_batch_size, "image")
@@ -548,9 +553,11 @@ class CPCAD(Detector):
             batch = self._resize(images[i : i + self.score_batch_size])
             b = batch.shape[0]
             windows = self._windows(batch, None)
+            # the same seeded negatives for every image: its score does not depend on its batch
+            gen = torch.Generator(device=self.device).manual_seed(self.seed if self.seed is not None else 0)
             loss_sum, count, _ = self.model_(
                 windows, banks=self.banks_, num_negatives=self.test_negatives or self.num_negatives,
-                draws=self.test_draws, generator=gen, credit=self.credit,
+                draws=self.test_draws, generator=gen, credit=self.credit, tile=b,
             )
             sums = windows_to_grid(loss_sum.reshape(b, nh, nh, m, m), m, r, (g, g))
             counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))

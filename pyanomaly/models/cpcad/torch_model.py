@@ -137,6 +137,7 @@ class CPCADModel(nn.Module):
         draws: int = 1,
         generator: torch.Generator | None = None,
         credit: str = "target",
+        tile: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE losses of one direction, credited to the target sub-patches (or see ``credit``).
 
@@ -150,6 +151,9 @@ class CPCADModel(nn.Module):
             generator: for the negative draws.
             credit: one of ``CREDITS``: where each term's loss is counted (scoring maps only; the
                 objective does not depend on it).
+            tile: the windows are ``tile`` images' worth (P divisible by it); negatives are drawn for
+                one image and repeated, so that with a generator seeded per call an image's scores
+                do not depend on the other images scored with it (scoring; 1 in training).
 
         Returns:
             loss_sum (P, m, m) and count (m, m): the summed losses credited to each position and how
@@ -175,9 +179,11 @@ class CPCADModel(nn.Module):
             total = None
             for _ in range(draws):
                 neg_idx = sample_negatives(
-                    queries.shape[0], num_negatives, bank_k.shape[0], generator=generator,
+                    queries.shape[0] // tile, num_negatives, bank_k.shape[0], generator=generator,
                     device=queries.device,
                 )
+                if tile > 1:
+                    neg_idx = neg_idx.repeat(tile, 1)
                 loss = infonce(queries, positives, bank_k, neg_idx)
                 total = loss if total is None else total + loss
             loss = total / draws
@@ -207,6 +213,7 @@ class CPCADModel(nn.Module):
         draws: int = 1,
         generator: torch.Generator | None = None,
         credit: str = "target",
+        tile: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All directions: per-position summed losses, term counts and the training objective.
 
@@ -214,6 +221,7 @@ class CPCADModel(nn.Module):
             windows: one (P, m, m, D) tensor per encoder.
             banks: None (training) or one (M, D) bank per encoder.
             credit: where each term's loss is counted (see :meth:`direction_losses`).
+            tile: images in the batch whose negatives repeat (see :meth:`direction_losses`).
 
         Returns:
             loss_sum (P, m, m) and count (m, m): summed over all (direction, step) terms credited to
@@ -227,7 +235,7 @@ class CPCADModel(nn.Module):
             e = self.encoder_of(index)
             s, c, o = self.direction_losses(
                 windows[e], index, bank=None if banks is None else banks[e],
-                num_negatives=num_negatives, draws=draws, generator=generator, credit=credit,
+                num_negatives=num_negatives, draws=draws, generator=generator, credit=credit, tile=tile,
             )
             loss_sum = s if loss_sum is None else loss_sum + s
             count = c if count is None else count + c
