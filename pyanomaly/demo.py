@@ -117,7 +117,7 @@ def make_dataset(
 
 def run_demo(out: str | Path = "pyanomaly-demo", *, epochs: int | None = None, seed: int = 0) -> dict:
     """Generate the data set, train :data:`DEMO_CONFIG`, evaluate; returns the metrics dict."""
-    from pyanomaly.cli import evaluate_run, fit_run
+    from pyanomaly.runs import evaluate_run, fit_run
 
     out = Path(out)
     data = make_dataset(out / "data", seed=seed)
@@ -126,8 +126,8 @@ def run_demo(out: str | Path = "pyanomaly-demo", *, epochs: int | None = None, s
         config["epochs"] = epochs
     run = out / "run"
     start = time.perf_counter()
-    fit_run("cpcad", data, "synthetic", run, config)
-    metrics = evaluate_run(run, data, "synthetic")
+    fit_run("cpcad", run, config, data=data, category="synthetic", overwrite=True)  # the demo's own folder
+    metrics = evaluate_run(run, data=data, category="synthetic")
     metrics["total_seconds"] = round(time.perf_counter() - start, 1)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

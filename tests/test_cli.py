@@ -65,11 +65,13 @@ def test_predict_prints_score_and_label(run_dir, data_root, tmp_path, capsys):
     images = sorted((data_root / "synthetic" / "test" / "blob").glob("*.png"))
     rc = cli.main(["predict", str(run_dir), *map(str, images), "--heatmap-dir", str(tmp_path / "hm")])
     assert rc == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "path,score,label,probability"
+    lines = [line for line in out if ".png," in line]
     assert len(lines) == len(images)
     for line, image in zip(lines, images):
-        score, label, path = line.split("\t")
-        float(score)
+        path, score, label, probability = line.split(",")
+        assert 0.0 <= float(probability) <= 1.0 and float(score) == float(score)
         assert label in ("0", "1") and path == str(image)
     assert len(list((tmp_path / "hm").glob("*.png"))) == len(images)
 
@@ -165,3 +167,100 @@ def test_presets_build_and_the_cli_rejects_an_unknown_one(tmp_path):
         CPCAD.preset("fast")
     code = main(["fit", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "r"), "--preset", "nope"])
     assert code == 2
+
+
+# -- the surface of issue 13: version, generated options, plain folders, colour, JSON, benchmark ----
+ANOMEM_FAST = ["--backbone", "resnet18", "--width", "8", "--memory-sizes", "[16, 8]", "--epochs", "1",
+               "--batch-size", "8", "--image-size", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def colour_folders(tmp_path_factory):
+    """train/ (normal colour images) and test/good, test/bad (no masks) as plain folders."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(0)
+    for folder, count, bad in (("train", 12, False), ("test/good", 4, False), ("test/bad", 4, True)):
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            image = np.clip(rng.normal([200, 60, 40], 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+            if bad:
+                image[8:20, 8:20] = (20, 220, 30)
+            Image.fromarray(image).save(root / folder / f"{i:02d}.png")
+    return root
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    import pyanomaly
+
+    assert capsys.readouterr().out.strip() == f"pyanomaly {pyanomaly.__version__}"
+
+
+@pytest.mark.parametrize("method", ["cpcad", "anomem"])
+def test_fit_help_lists_every_option_with_its_default(method, capsys):
+    import inspect
+
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--method", method, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cls = cli.get_method(method)
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self":
+            continue
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+    assert "(default: 768)" in text if method == "cpcad" else "(default: resnet50)" in text
+
+
+def test_colour_anomem_through_the_cli(colour_folders, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["fit", "--method", "anomem", "--train", str(colour_folders / "train"), "--out", str(run),
+                     *ANOMEM_FAST]) == 0
+    detector = Detector.load(run / "model.pt")
+    assert detector.in_channels_ == 3  # colour kept: gray is not hard-coded any more
+    record = json.loads((run / "config.json").read_text())
+    assert record["pyanomaly_version"] and record["torch_version"] and record["train"]
+    # evaluate a plain folder without masks: image-level metrics only, into its own subfolder
+    assert cli.main(["evaluate", str(run), "--test", str(colour_folders / "test")]) == 0
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["pixel_auroc"] is None
+    assert set(metrics["per_defect"]) == {"bad"}
+    capsys.readouterr()
+    # predict on a folder, JSON rows, masks and .npy maps
+    assert cli.main(["predict", str(run), str(colour_folders / "test"), "--format", "json",
+                     "--mask-dir", str(tmp_path / "masks"), "--map-dir", str(tmp_path / "maps")]) == 1 - 1
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8 and {"path", "score", "label", "probability"} == set(rows[0])
+    assert sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.npy"))[:2] == [
+        "bad/00.npy", "bad/01.npy"]
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == 8
+
+
+def test_config_file_round_trip(run_dir, data_root, tmp_path):
+    """The config.json that fit writes can be fed back with --config (and options override it)."""
+    out = tmp_path / "again"
+    assert cli.main(["fit", "--data", str(data_root), "--category", "synthetic", "--out", str(out),
+                     "--config", str(run_dir / "config.json"), "--test-draws", "1", "--quiet"]) == 0
+    first = json.loads((run_dir / "config.json").read_text())["config"]
+    second = json.loads((out / "config.json").read_text())["config"]
+    assert second == {**first, "test_draws": 1}
+
+
+def test_benchmark_over_two_categories(data_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        shutil.copytree(data_root / "synthetic", root / name)
+    out = tmp_path / "bench"
+    assert cli.main(["benchmark", "--data", str(root), "--categories", "a,b", "--out", str(out), "--epochs", "1",
+                     "--image-size", "64", *TINY_SET, "--quiet"]) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    assert [r["category"] for r in result["rows"]] == ["a", "b"]
+    assert (out / "benchmark.md").read_text().count("|") > 10 and "**mean**" in capsys.readouterr().out
+    assert (out / "a" / "model.pt").is_file() and (out / "b" / "metrics.json").is_file()

@@ -20,8 +20,9 @@ _GRAY_FILE_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 _GLOB_CHARS = set("*?[")
 
 
-def image_files(spec: str | os.PathLike, *, what: str = "images") -> list[Path]:
-    """The image files a path names: a file, a folder (its images, not recursive) or a glob pattern.
+def image_files(spec: str | os.PathLike, *, what: str = "images", recursive: bool = False) -> list[Path]:
+    """The image files a path names: a file, a folder (its images; with ``recursive`` also those in
+    its subfolders, hidden ones skipped) or a glob pattern (``**`` recurses).
 
     Raises a FileNotFoundError / ValueError naming ``spec`` when it names no image.
     """
@@ -34,6 +35,12 @@ def image_files(spec: str | os.PathLike, *, what: str = "images") -> list[Path]:
         return files
     path = Path(text)
     if path.is_dir():
+        if recursive:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not files:
+                raise ValueError(f"{what} folder {path} (and its subfolders) holds no image file")
+            return files
         return list_image_files(path, what=f"{what} folder")
     if not path.exists():
         raise FileNotFoundError(f"{what}: image file not found: {text}")

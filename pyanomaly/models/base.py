@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-__all__ = ["Detector", "FORMAT_VERSION", "atomic_save", "resolve_device"]
+__all__ = ["METHODS", "Detector", "FORMAT_VERSION", "atomic_save", "get_method", "resolve_device"]
 
 #: 1: the payload dict itself. 2: the payload serialised, with its SHA-256 and the versions beside it.
 FORMAT_VERSION = 2
@@ -446,7 +446,7 @@ class Detector:
             payload = outer
         if cls is not Detector and payload["method"] != cls.method:
             raise ValueError(f"{str(path)!r} holds a {payload['method']} model, not {cls.method}")
-        target = cls if cls is not Detector else registry()[payload["method"]]
+        target = cls if cls is not Detector else get_method(payload["method"])
         config = dict(payload["config"])
         if "amp" in config:  # files from before ``precision``: amp only acted on CUDA, so fp32 reproduces CPU scores
             config.pop("amp")
@@ -487,8 +487,22 @@ def _to_cpu(value):
     return value
 
 
-def registry() -> dict[str, type[Detector]]:
-    """The one method registry: ``method name -> detector class`` (the CLI and protocols use it)."""
-    from pyanomaly.models import CPCAD, AnoMem
+#: The one method registry: ``name -> (module, class name)`` or the class itself. The CLI, the
+#: runs and ``Detector.load`` look methods up here.
+METHODS: dict[str, Any] = {
+    "cpcad": ("pyanomaly.models.cpcad", "CPCAD"),
+    "anomem": ("pyanomaly.models.anomem", "AnoMem"),
+}
 
-    return {CPCAD.method: CPCAD, AnoMem.method: AnoMem}
+
+def get_method(name: str) -> type[Detector]:
+    """The detector class registered as ``name`` (a ValueError naming the choices if none)."""
+    import importlib
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    entry = METHODS[name]
+    if isinstance(entry, type):
+        return entry
+    module, cls = entry
+    return getattr(importlib.import_module(module), cls)
