@@ -337,6 +337,7 @@ def _cpcad_step(config: dict, device: str):
 
     batch = config.pop("batch")
     detector = CPCAD(**config, device=device, verbose=False, seed=0)
+    detector.model_ = detector._build_model()  # what fit builds first
     model = detector.model_.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=detector.lr)
     gen = torch.Generator().manual_seed(0)

@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (CLIError, OSError, NotImplementedError, ValueError, RuntimeError, TypeError) as exc:
+    except (CLIError, OSError, NotImplementedError, ValueError, RuntimeError, TypeError, ArithmeticError) as exc:
         if os.environ.get("PYANOMALY_DEBUG"):
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

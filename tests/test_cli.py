@@ -264,3 +264,148 @@ def test_benchmark_over_two_categories(data_root, tmp_path, capsys):
     assert [r["category"] for r in result["rows"]] == ["a", "b"]
     assert (out / "benchmark.md").read_text().count("|") > 10 and "**mean**" in capsys.readouterr().out
     assert (out / "a" / "model.pt").is_file() and (out / "b" / "metrics.json").is_file()
+
+
+# -- issue 14: nothing a user saved is lost; every check before the work ---------------------------
+def _no_training(monkeypatch):
+    """Make any fit fail loudly: a check that should come first must not reach training."""
+    from pyanomaly.models.cpcad import CPCAD
+
+    def fit(*args, **kwargs):
+        raise AssertionError("training started before the check")
+
+    monkeypatch.setattr(CPCAD, "fit", fit)
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [("{tmp}/afile", "is a file, not a run folder"), ("", "--out is empty"), (".", "is the current folder"),
+     ("{run}", "already holds a run (model.pt, config.json")],
+)
+def test_out_is_checked_before_training(out, message, data_root, run_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    _no_training(monkeypatch)
+    argv = ["fit", "--data", str(data_root), "--category", "synthetic", "--out",
+            out.format(tmp=tmp_path, run=run_dir), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_unwritable_out_is_refused_before_training(data_root, tmp_path, capsys, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o500)
+    _no_training(monkeypatch)
+    assert cli.main(["fit", "--data", str(data_root), "--category", "synthetic", "--out", str(locked / "r")]) == 2
+    assert "cannot create run folder" in capsys.readouterr().err
+
+
+def test_overwrite_clears_the_old_run(run_dir, data_root, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "metrics.json").write_text('{"method": "anomem"}')  # another run's stale output
+    (run / "notes.txt").write_text("mine")  # the user's own file
+    assert cli.main(["fit", "--data", str(data_root), "--category", "synthetic", "--out", str(run), "--overwrite",
+                     "--epochs", "1", "--image-size", "64", "--quiet", *TINY_SET]) == 0
+    assert not (run / "metrics.json").exists() and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_writer_is_refused_while_the_folder_is_locked(run_dir, data_root, tmp_path, capsys):
+    """Two processes on one run folder: the second gets a one-line message (the lock holds a live pid)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / ".pyanomaly.lock").write_text(str(holder.pid))
+        assert cli.main(["evaluate", str(run), "--data", str(data_root)]) == 2
+        assert f"in use by another pyanomaly process (pid {holder.pid})" in capsys.readouterr().err
+        assert cli.main(["fit", "--data", str(data_root), "--category", "synthetic", "--out", str(run),
+                         "--overwrite", "--quiet"]) == 2
+        assert "in use by another pyanomaly process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # a lock left by a dead process is taken over
+    assert cli.main(["evaluate", str(run), "--data", str(data_root), "--no-heatmaps"]) == 0
+    assert not (run / ".pyanomaly.lock").exists()
+
+
+def test_two_concurrent_fits_into_one_folder(data_root, tmp_path):
+    """Started together: exactly one trains and saves; the other stops with the lock message."""
+    out = tmp_path / "shared"
+    argv = [sys.executable, "-m", "pyanomaly", "fit", "--data", str(data_root), "--category", "synthetic",
+            "--out", str(out), "--epochs", "3", "--image-size", "64", "--quiet", *TINY_SET]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 2], results
+    loser = next(r for r in results if r[2] == 2)
+    assert "in use by another pyanomaly process" in loser[1] or "already holds a run" in loser[1]
+    Detector.load(out / "model.pt")
+
+
+def test_evaluating_another_category_writes_its_own_subfolder(run_dir, data_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "synthetic", root / "other")
+    assert cli.main(["evaluate", str(run_dir), "--data", str(root), "--category", "other", "--no-heatmaps"]) == 0
+    assert (run_dir / "eval" / "other" / "metrics.json").is_file()
+    assert json.loads((run_dir / "eval" / "other" / "metrics.json").read_text())["category"] == "other"
+
+
+def test_predict_heatmaps_do_not_collide_and_dirs_are_checked_first(run_dir, data_root, tmp_path, capsys):
+    a = data_root / "synthetic" / "test" / "blob" / "000.png"
+    b = data_root / "synthetic" / "test" / "scratch" / "000.png"
+    assert cli.main(["predict", str(run_dir), str(a), str(b), "--heatmap-dir", str(tmp_path / "hm")]) == 0
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 2  # same file name, two heatmaps
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    assert cli.main(["predict", str(run_dir), str(a), "--heatmap-dir", str(tmp_path / "file")]) == 2
+    assert "--heatmap-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "{run}", "--data", "{data}", "--eval-size", "-5"], "--eval-size must be a positive number"),
+        (["evaluate", "{run}", "--data", "{data}", "--eval-size", "0"], "--eval-size must be a positive number"),
+        (["fit", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r", "--epochs", "0"],
+         "epochs must be >= 1"),
+        (["fit", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r", "--set", "widths=abc"],
+         "widths must be a non-empty list of positive ints"),
+        (["fit", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r", "--device", "gpu"],
+         "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        (["fit", "--method", "anomem", "--data", "{data}", "--category", "synthetic", "--out", "{tmp}/r",
+          "--set", "device=cuda:5"], "cuda:5"),
+        (["predict", "{run}", "{data}/synthetic/test/blob/000.png", "--device", "gpu"], "device must be"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(argv, message, run_dir, data_root, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    fill = {"run": str(run_dir), "data": str(data_root), "tmp": str(tmp_path)}
+    assert cli.main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing claimed
+
+
+def test_cuda_on_a_cpu_torch_is_one_line(data_root, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for method in ("cpcad", "anomem"):
+        assert cli.main(["fit", "--method", method, "--data", str(data_root), "--category", "synthetic",
+                         "--out", str(tmp_path / method), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "CUDA requested" in err and "use device 'cpu' or 'auto'" in err and len(err.splitlines()) == 1

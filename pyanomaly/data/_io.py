@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -106,6 +107,25 @@ def load_image(path: PathLike, *, grayscale: bool) -> torch.Tensor:
     return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.uint8, order="C"))
 
 
+_WARNED_MASKS: set[str] = set()
+
+
+def _warn_if_not_binary(values: np.ndarray, file_path: Path) -> None:
+    """Warn (once per file) when a gray mask with more than two values marks most of the image:
+    ``> 0`` counts every non-zero pixel, so a background of 3 instead of 0 makes the whole image a
+    defect. (Anti-aliased masks, 0 with soft edges, do not warn.)"""
+    share = float((values > 0).mean()) if values.size else 0.0
+    if share <= 0.5 or str(file_path) in _WARNED_MASKS:
+        return
+    distinct = np.unique(values[:: max(1, values.shape[0] // 256)])
+    if len(distinct) > 2:
+        _WARNED_MASKS.add(str(file_path))
+        warnings.warn(
+            f"mask {file_path} holds {len(distinct)}+ distinct values (e.g. {distinct[:4].tolist()}); every pixel > 0 "
+            f"counts as defect ({share:.0%} of this mask)", stacklevel=3,
+        )
+
+
 def load_mask(path: PathLike) -> torch.Tensor:
     """Reads a ground-truth mask file and binarises it with ``> 0``.
 
@@ -126,7 +146,9 @@ def load_mask(path: PathLike) -> torch.Tensor:
     image = _open_decoded(file_path, "mask file")
     try:
         if image.mode in ("1", "L", "I", "F") or image.mode in _SIXTEEN_BIT_MODES:
-            mask = np.asarray(image) > 0
+            values = np.asarray(image)
+            mask = values > 0
+            _warn_if_not_binary(values, file_path)
         elif image.mode == "LA":
             mask = np.asarray(image)[:, :, 0] > 0
         else:

@@ -5,9 +5,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+import torch
+
 IntPair = Union[int, Sequence[int]]
 
-__all__ = ["IntPair", "pair"]
+__all__ = ["IntPair", "check_no_overflow", "pair", "require_finite"]
+
+
+def _checkable(tensor: torch.Tensor) -> bool:
+    """Value checks need real data: skipped while torch.compile traces and on the meta device."""
+    return tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def require_finite(**tensors: torch.Tensor) -> None:
+    """A ValueError naming the first floating argument holding NaN or an infinity."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.is_floating_point() and _checkable(tensor):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_no_overflow(op: str, result: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """Finite inputs and a non-finite ``result``: the arithmetic overflowed; say so, naming the
+    largest input, instead of returning NaN."""
+    if _checkable(result) and not bool(torch.isfinite(result).all()):
+        largest = {name: float(t.detach().abs().max()) for name, t in inputs.items() if t is not None and t.numel()}
+        detail = ", ".join(f"max |{name}| = {value:.3g}" for name, value in largest.items())
+        raise FloatingPointError(
+            f"{op} overflowed to NaN/inf although its inputs are finite ({detail}); rescale the inputs"
+        )
 
 
 def pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:

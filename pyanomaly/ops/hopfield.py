@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from pyanomaly import _ext
+from pyanomaly.ops._utils import check_no_overflow, require_finite
 
 __all__ = ["DEFAULT_MAX_ITER", "hopfield_retrieve", "hopfield_retrieve_ref"]
 
@@ -66,10 +67,7 @@ def _check_args(
     if grad not in _GRAD_MODES:
         raise ValueError(f"grad must be 'unrolled' or 'last', got {grad!r}")
     # A data check syncs with the host: fine for eager calls, skipped while torch.compile traces.
-    if not torch.compiler.is_compiling() and queries.device.type != "meta":
-        for name, value in (("queries", queries), ("memory", memory)):
-            if value.numel() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name} contains NaN or infinite values")
+    require_finite(queries=queries, memory=memory)
 
 
 def hopfield_retrieve_ref(
@@ -140,8 +138,9 @@ def hopfield_retrieve(
         took (a tensor, so there is no host sync).
 
     Supported dtypes: float32 and float64 on CPU; float16, bfloat16 and float32 on CUDA (the state and
-    the softmax statistics stay in fp32). Inputs with NaN or infinite values raise a ValueError (the
-    check is skipped while torch.compile traces).
+    the softmax statistics stay in fp32). Inputs with NaN or infinite values raise a ValueError, and
+    finite inputs that overflow (|x| ~ 1e30) a FloatingPointError, not NaN (both checks are skipped
+    while torch.compile traces).
 
     Numerics: for every beta, saturating trajectories included, the CPU float32 gradients are within
     2x of the plain float32 loop's error against a float64 truth (the same arithmetic per block:
@@ -152,7 +151,9 @@ def hopfield_retrieve(
     """
     _check_args(queries, memory, beta, max_iter, tol, grad)
     if not _ext.has_kernels(queries.device):
-        return hopfield_retrieve_ref(queries, memory, beta=beta, max_iter=max_iter, tol=tol, grad=grad)
+        retrieved, iterations = hopfield_retrieve_ref(queries, memory, beta=beta, max_iter=max_iter, tol=tol, grad=grad)
+        check_no_overflow("hopfield_retrieve", retrieved, queries=queries, memory=memory)
+        return retrieved, iterations
     supported = _KERNEL_DTYPES.get(queries.device.type)
     if supported is not None and queries.dtype not in supported:
         names = ", ".join(str(d).replace("torch.", "") for d in supported)
@@ -162,6 +163,7 @@ def hopfield_retrieve(
     retrieved, iterations, _, _ = torch.ops.pyanomaly.hopfield_retrieve(
         queries, memory, float(beta), int(max_iter), float(tol), save
     )
+    check_no_overflow("hopfield_retrieve", retrieved, queries=queries, memory=memory)
     return retrieved, iterations
 
 

@@ -29,6 +29,7 @@ import math
 import torch
 
 from pyanomaly import _ext
+from pyanomaly.ops._utils import check_no_overflow, require_finite
 
 __all__ = ["infonce", "infonce_ref", "sample_negatives"]
 
@@ -112,6 +113,7 @@ def infonce(
     *,
     temperature: float = 1.0,
     deterministic: bool = True,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """InfoNCE loss per query, fused: the (N, K, D) negatives are never gathered.
 
@@ -124,6 +126,9 @@ def infonce(
         deterministic: reduce the bank's gradient in a fixed order (default). False allows float
             atomics on CUDA (faster, run-to-run differences in the last bits); the CPU is always
             deterministic.
+        check_finite: raise a ValueError naming the argument when queries, positives or bank hold
+            NaN/inf, and a FloatingPointError when finite inputs overflow (one pass over the inputs
+            and the (N,) result; the detectors keep it on). Skipped while torch.compile traces.
 
     Returns:
         (N,) loss_i = logsumexp_j(s_ij) - s_i0 in the inputs' dtype (computed in float32 for half
@@ -134,13 +139,18 @@ def infonce(
         IndexError: a value of ``neg_idx`` outside [0, M).
     """
     _check_infonce_args(queries, positives, bank, neg_idx, temperature)
+    if check_finite:
+        require_finite(queries=queries, positives=positives, bank=bank)
     if not _ext.has_kernels(queries.device):
         if not torch.compiler.is_compiling():
             _check_index_range("neg_idx", neg_idx, bank.shape[0], "rows of bank")
-        return infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
-    loss, _ = torch.ops.pyanomaly.infonce(
-        queries, positives, bank, neg_idx, float(temperature), bool(deterministic)
-    )
+        loss = infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
+    else:
+        loss, _ = torch.ops.pyanomaly.infonce(
+            queries, positives, bank, neg_idx, float(temperature), bool(deterministic)
+        )
+    if check_finite:
+        check_no_overflow("infonce", loss, queries=queries, positives=positives, bank=bank)
     return loss
 
 

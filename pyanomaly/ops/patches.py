@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from pyanomaly import _ext
-from pyanomaly.ops._utils import IntPair, pair
+from pyanomaly.ops._utils import IntPair, pair, require_finite
 
 __all__ = ["extract_patches", "extract_patches_ref", "fold_patches", "fold_patches_ref", "LUMA_WEIGHTS"]
 
@@ -154,6 +154,7 @@ def extract_patches(
     std: Sequence[float] | torch.Tensor | None = None,
     hflip: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Cut images into overlapping patches (and optionally sub-patches) in one fused pass.
 
@@ -168,6 +169,8 @@ def extract_patches(
         mean, std: per-output-channel normalisation (one value is broadcast).
         hflip: (B,) bool, flip those images horizontally before cutting.
         dtype: output dtype (default float32 for uint8 input, else the input's dtype).
+        check_finite: raise a ValueError when floating ``images`` hold NaN/inf (one read of the
+            input, small beside the patches written; skipped while torch.compile traces).
 
     Returns:
         (B, nh, nw, C', size_h, size_w), or with sub-patches
@@ -175,6 +178,8 @@ def extract_patches(
         mh = (size_h - sub_h) // sub_stride_h + 1. Differentiable for floating input.
     """
     args = _PatchArgs(images, size, stride, sub_size, sub_stride, grayscale, mean, std, hflip, dtype)
+    if check_finite:
+        require_finite(images=images)
     if not _ext.has_kernels(images.device):
         return extract_patches_ref(
             images, size, stride, sub_size=sub_size, sub_stride=sub_stride, grayscale=grayscale,

@@ -285,6 +285,15 @@ class CPCAD(Detector):
         self.image_size, self.patch_size, self.patch_stride = image_size, patch_size, patch_stride
         self.aspect = aspect
         self.sub_size, self.sub_stride, self.layout, self.stem = sub_size, sub_stride, layout, stem
+        for name, value in (("widths", widths), ("blocks", blocks)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or any(
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in value
+            ):
+                raise ValueError(f"{name} must be a non-empty list of positive ints (one per stage), got {value!r}")
+        if len(widths) != len(blocks):
+            raise ValueError(f"widths and blocks must have one entry per stage each, got {list(widths)} and {list(blocks)}")
+        if isinstance(directions, (str, bytes)) or not isinstance(directions, Sequence) or not directions:
+            raise ValueError(f"directions must be a non-empty list among {DIRECTIONS}, got {directions!r}")
         self.widths, self.blocks = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
         self.shared_encoder, self.directions = bool(shared_encoder), tuple(directions)
         self.prediction_steps, self.num_negatives = prediction_steps, num_negatives

@@ -1,0 +1,56 @@
+"""The ops refuse non-finite inputs (naming the argument) and report overflow instead of NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyanomaly.ops import extract_patches, hopfield_retrieve, infonce
+from pyanomaly.ops.infonce import sample_negatives
+
+
+def _infonce_args(scale: float = 1.0):
+    g = torch.Generator().manual_seed(0)
+    q, p, b = (torch.randn(12, 8, generator=g) * scale for _ in range(3))
+    return q, p, b, sample_negatives(12, 4, 12, generator=g)
+
+
+@pytest.mark.parametrize("which", ["queries", "positives", "bank"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_infonce_names_the_non_finite_argument(which, bad):
+    q, p, b, idx = _infonce_args()
+    args = {"queries": q, "positives": p, "bank": b}
+    args[which][3, 1] = bad
+    with pytest.raises(ValueError, match=f"{which} contains NaN or infinite values"):
+        infonce(args["queries"], args["positives"], args["bank"], idx)
+
+
+def test_infonce_overflow_is_an_error_not_nan():
+    q, p, b, idx = _infonce_args(1e30)
+    with pytest.raises(FloatingPointError, match=r"infonce overflowed .*\(max \|queries\| = "):
+        infonce(q, p, b, idx)
+    q, p, b, idx = _infonce_args()
+    q[0, 0] = float("nan")
+    assert torch.isnan(infonce(q, p, b, idx, check_finite=False)[0])  # the documented opt-out
+
+
+def test_extract_patches_refuses_nan_images():
+    images = torch.rand(2, 1, 16, 16)
+    images[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="images contains NaN or infinite values"):
+        extract_patches(images, 8, 4)
+    extract_patches(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8), 8, 4)  # uint8: nothing to check
+
+
+@pytest.mark.parametrize("which", ["queries", "memory"])
+def test_hopfield_names_the_non_finite_argument(which):
+    args = {"queries": torch.randn(6, 8), "memory": torch.randn(5, 8)}
+    args[which][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{which} contains NaN or infinite values"):
+        hopfield_retrieve(args["queries"], args["memory"], beta=1.0)
+
+
+def test_hopfield_overflow_is_an_error_not_nan():
+    with pytest.raises(FloatingPointError, match="hopfield_retrieve overflowed"):
+        hopfield_retrieve(torch.randn(6, 8) * 1e30, torch.randn(5, 8) * 1e30, beta=1.0)
+
