@@ -1,10 +1,11 @@
-"""Command line: ``pyanomaly info | fit | evaluate | predict | benchmark | demo | protocol``.
+"""Command line: ``pyanomaly info | fit | evaluate | predict | export | benchmark | demo | protocol``.
 
     pyanomaly fit --method cpcad (--data ROOT --category C | --train DIR) --out RUN [--preset cpu]
                   [--config run.json] [--epochs N ...every constructor argument...] [--overwrite]
     pyanomaly evaluate RUN (--data ROOT [--category C] | --test DIR)
     pyanomaly predict RUN|MODEL IMAGE|FOLDER|GLOB... [--format csv|json] [--output F]
                   [--heatmap-dir D] [--mask-dir D] [--map-dir D]
+    pyanomaly export RUN [--format onnx|torch] [--out FILE]
     pyanomaly benchmark --method M --data ROOT --categories all|a,b --out DIR
     pyanomaly demo [--out DIR]
 
@@ -236,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_predict_parser(commands, argv) -> None:
     p = commands.add_parser("predict", help="score images: CSV (with a header) or JSON rows, optional heatmaps and masks")
-    p.add_argument("run", help="run folder written by `pyanomaly fit`, or a model.pt")
+    p.add_argument("run", help="run folder written by `pyanomaly fit`, a model.pt, or an exported .onnx / .pt2")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--format", default="csv", choices=["csv", "json"], help="output format (default csv)")
     p.add_argument("--output", help="write the rows to this file instead of stdout")
@@ -256,6 +257,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(format_rows(rows, args.format))
     else:
         print(f"wrote {len(rows)} rows to {args.output}")
+    return 0
+
+
+def add_export_parser(commands, argv) -> None:
+    p = commands.add_parser("export", help="write a fitted run as one ONNX or torch.export graph (for deployment)")
+    p.add_argument("run", help="run folder written by `pyanomaly fit`, or a model.pt")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch"], help="onnx (default; needs the export extra) or torch")
+    p.add_argument("--out", help="file to write (default: RUN/model.onnx or RUN/model.pt2)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pyanomaly.runs import export_run
+
+    path = export_run(args.run, args.format, args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -375,8 +392,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pyanomaly {pyanomaly.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_info_parser, add_fit_parser, add_evaluate_parser, add_predict_parser, add_benchmark_parser,
-                add_demo_parser, add_protocol_parser):
+    for add in (add_info_parser, add_fit_parser, add_evaluate_parser, add_predict_parser, add_export_parser,
+                add_benchmark_parser, add_demo_parser, add_protocol_parser):
         add(commands, argv)
     return parser
 
@@ -388,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (CLIError, OSError, NotImplementedError, ValueError, RuntimeError, TypeError, ArithmeticError) as exc:
+    except (CLIError, OSError, ImportError, NotImplementedError, ValueError, RuntimeError, TypeError,
+            ArithmeticError) as exc:
         if os.environ.get("PYANOMALY_DEBUG"):
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

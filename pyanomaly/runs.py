@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "RUN_OUTPUTS", "RunError", "TestSet", "benchmark_run", "claim_run_folder", "evaluate_run", "fit_run",
+    "RUN_OUTPUTS", "RunError", "TestSet", "benchmark_run", "claim_run_folder", "evaluate_run", "export_run", "fit_run",
     "load_detector", "predict_run", "test_set",
 ]
 
 #: What a run writes into its folder (``--overwrite`` clears exactly these).
-RUN_OUTPUTS = ("model.pt", "config.json", "metrics.json", "per_defect.csv", "heatmaps", "eval")
+RUN_OUTPUTS = ("model.pt", "config.json", "metrics.json", "per_defect.csv", "heatmaps", "eval", "model.onnx", "model.pt2")
 LOCK_NAME = ".pyanomaly.lock"
 
 
@@ -125,10 +125,15 @@ def _write_json(path: Path, record: Any) -> None:
 
 
 def load_detector(run_or_model: str | os.PathLike, device: str | None = None):
-    """The detector saved in a run folder (its model.pt) or in a model file."""
+    """The detector saved in a run folder (its model.pt) or a model file; an exported .onnx / .pt2
+    comes back as an :class:`~pyanomaly.export.Inferencer` (the same scoring surface)."""
     from pyanomaly.models.base import Detector
 
     path = Path(run_or_model)
+    if path.suffix.lower() in (".onnx", ".pt2") and path.is_file():
+        from pyanomaly.export import Inferencer
+
+        return Inferencer(path, device=device if device is not None else "auto")
     if path.is_dir():
         path = path / "model.pt"
         if not path.is_file():
@@ -443,6 +448,20 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().rstrip("\n")
+
+
+# -- export --------------------------------------------------------------------------------------
+def export_run(run_or_model: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
+    """Export a run's model (default file: ``<run>/model.onnx`` or ``<run>/model.pt2``)."""
+    from pyanomaly.export import _SUFFIX, FORMATS
+
+    if fmt not in FORMATS:
+        raise RunError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    source = Path(run_or_model)
+    detector = load_detector(source, "cpu")
+    if out is None:
+        out = (source if source.is_dir() else source.parent) / f"model{_SUFFIX[fmt]}"
+    return detector.export(out, fmt)
 
 
 # -- benchmark -----------------------------------------------------------------------------------

@@ -392,6 +392,13 @@ class Detector:
         if self.threshold_ is None:
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit(...) or load(...) first")
 
+    def export(self, path: str | os.PathLike, format: str = "onnx") -> Path:
+        """Write the fitted detector as one graph: ``"onnx"`` or ``"torch"`` (``torch.export``); see
+        :mod:`pyanomaly.export`. Returns the path written."""
+        from pyanomaly.export import export
+
+        return export(self, path, format)
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted detector to one file (atomically: an existing file is replaced whole)."""

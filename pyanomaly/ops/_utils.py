@@ -9,12 +9,17 @@ import torch
 
 IntPair = Union[int, Sequence[int]]
 
-__all__ = ["IntPair", "check_no_overflow", "pair", "require_finite"]
+__all__ = ["IntPair", "check_no_overflow", "pair", "require_finite", "tracing"]
+
+
+def tracing() -> bool:
+    """Whether torch.compile, torch.export or the TorchScript/ONNX tracer is recording (no data to check)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _checkable(tensor: torch.Tensor) -> bool:
-    """Value checks need real data: skipped while torch.compile traces and on the meta device."""
-    return tensor.numel() > 0 and tensor.device.type != "meta" and not torch.compiler.is_compiling()
+    """Value checks need real data: skipped while a graph is traced and on the meta device."""
+    return tensor.numel() > 0 and tensor.device.type != "meta" and not tracing()
 
 
 def require_finite(**tensors: torch.Tensor) -> None:

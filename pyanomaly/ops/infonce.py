@@ -29,7 +29,7 @@ import math
 import torch
 
 from pyanomaly import _ext
-from pyanomaly.ops._utils import check_no_overflow, require_finite
+from pyanomaly.ops._utils import check_no_overflow, require_finite, tracing
 
 __all__ = ["infonce", "infonce_ref", "sample_negatives"]
 
@@ -142,7 +142,7 @@ def infonce(
     if check_finite:
         require_finite(queries=queries, positives=positives, bank=bank)
     if not _ext.has_kernels(queries.device):
-        if not torch.compiler.is_compiling():
+        if not tracing():
             _check_index_range("neg_idx", neg_idx, bank.shape[0], "rows of bank")
         loss = infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
     else:
@@ -200,7 +200,7 @@ def sample_negatives(
         device = exclude.device
     elif torch.device(device) != exclude.device:
         raise ValueError(f"exclude must be on device {torch.device(device)}, got {exclude.device}")
-    if not torch.compiler.is_compiling():
+    if not tracing():
         _check_index_range("exclude", exclude, bank_size, "bank rows")
     draw = torch.randint(bank_size - 1, (num_queries, k), generator=generator, device=device)
     return draw + (draw >= exclude.view(-1, 1)).long()

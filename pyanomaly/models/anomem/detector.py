@@ -541,13 +541,18 @@ class AnoMem(Detector):
         scale_scores, maps = [], []
         for batch, deviations in self._deviation_batches(x):
             scale_scores.append(self._scores_of(deviations).cpu())
-            total = torch.zeros(batch.shape[0], 1, *batch.shape[-2:], device=self.device)
-            for weight, d in zip(self.weights_, deviations):
-                norm = d.float().norm(dim=1, keepdim=True)
-                up = F.interpolate(norm, size=batch.shape[-2:], mode="bilinear", align_corners=False)
-                total += weight * up
-            maps.extend(total[:, 0].cpu())
+            maps.extend(self._maps_of(deviations, batch.shape[-2:]).cpu())
         return self._weighted_sum(torch.cat(scale_scores)), maps
+
+    def _maps_of(self, deviations: list[torch.Tensor], size) -> torch.Tensor:
+        """(B, H, W) anomaly maps of one batch: the scale-weighted sum of each scale's deviation norm
+        upsampled (bilinear) to ``size``."""
+        total = None
+        for weight, d in zip(self.weights_, deviations):
+            norm = d.float().norm(dim=1, keepdim=True)
+            up = weight * F.interpolate(norm, size=tuple(size), mode="bilinear", align_corners=False)
+            total = up if total is None else total + up
+        return total[:, 0]
 
     def decision_function(self, images) -> np.ndarray:
         """Anomaly scores (N,), higher = more anomalous (Eq. 13: the scale-weighted sum).

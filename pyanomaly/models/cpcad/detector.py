@@ -22,7 +22,7 @@ from pyanomaly.models._precision import check_precision, encoder_autocast, resol
 from pyanomaly.models.base import Detector, resolve_device
 from pyanomaly.models.cpcad.torch_model import CREDITS, DIRECTIONS, CPCADModel, windows_from_grid, windows_to_grid
 from pyanomaly.nn.preact_resnet import STEMS
-from pyanomaly.ops import extract_patches, fold_patches
+from pyanomaly.ops import extract_patches, fold_patches, sample_negatives
 
 __all__ = ["CPCAD", "LAYOUTS"]
 
@@ -367,10 +367,10 @@ class CPCAD(Detector):
         sub = extract_patches(
             batch, self.sub_size, self.sub_stride, grayscale=True, mean=self.mean, std=self.std, hflip=hflip
         )  # B G G 1 s s
-        b, g = sub.shape[0], sub.shape[1]
+        g = sub.shape[1]
         flat = sub.reshape(-1, 1, self.sub_size, self.sub_size).contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            return [e.reshape(b, g, g, -1) for e in self.model_.encode(flat)]
+        with self._autocast():  # (-1: a traced graph keeps the batch axis dynamic)
+            return [e.reshape(-1, g, g, self.model_.dim) for e in self.model_.encode(flat)]
 
     def _windows(self, batch: torch.Tensor, hflip: torch.Tensor | None) -> list[torch.Tensor]:
         """uint8 (B, C, S, S) -> per encoder the (B * nh * nw, m, m, D) window embeddings."""
@@ -555,25 +555,41 @@ class CPCAD(Detector):
     def _subpatch_scores(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(N, G, G) raw per-sub-patch losses (before ``score_norm``)."""
         self.model_.eval()
-        m, r, g, nh = self.window, self.ratio, self.grid_size, self.patches_per_side
+        negatives = self._scoring_negatives()
         out = []
         bar = progress(len(images), "cpcad score", self.verbose and len(images) > self.score_batch_size, "image")
         for i in range(0, len(images), self.score_batch_size):
             batch = self._resize(images[i : i + self.score_batch_size])
-            b = batch.shape[0]
-            windows = self._windows(batch, None)
-            # the same seeded negatives for every image: its score does not depend on its batch
-            gen = torch.Generator(device=self.device).manual_seed(self.seed if self.seed is not None else 0)
-            loss_sum, count, _ = self.model_(
-                windows, banks=self.banks_, num_negatives=self.test_negatives or self.num_negatives,
-                draws=self.test_draws, generator=gen, credit=self.credit, tile=b,
-            )
-            sums = windows_to_grid(loss_sum.reshape(b, nh, nh, m, m), m, r, (g, g))
-            counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))
-            out.append((sums / counts.clamp(min=1)).cpu())
-            bar.update(b)
+            out.append(self._grid_losses(batch, negatives).cpu())
+            bar.update(batch.shape[0])
         bar.close()
         return torch.cat(out)
+
+    def _scoring_negatives(self) -> list[list[list[torch.Tensor]]]:
+        """The seeded negatives every image is scored with: ``[direction][step][draw]`` (Q, K) rows
+        of that direction's bank for one image's Q queries. The same for every image, so an image's
+        score does not depend on the images scored with it; an exported graph bakes them in."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed if self.seed is not None else 0)
+        k_neg, m, windows = self.test_negatives or self.num_negatives, self.window, self.patches_per_side**2
+        out = []
+        for index in range(len(self.directions)):
+            rows = self.banks_[self.model_.encoder_of(index)].shape[0]
+            steps = [m - k - 1 for k in range(1, self.model_.prediction_steps + 1) if m - k - 1 > 0]
+            out.append([[sample_negatives(windows * r * m, k_neg, rows, generator=gen, device=self.device)
+                         for _ in range(self.test_draws)] for r in steps])
+        return out
+
+    def _grid_losses(self, batch: torch.Tensor, negatives) -> torch.Tensor:
+        """uint8 (B, C, S, S) -> (B, G, G) raw per-sub-patch losses with the given fixed negatives."""
+        m, r, g, nh = self.window, self.ratio, self.grid_size, self.patches_per_side
+        windows = self._windows(batch, None)
+        loss_sum, count, _ = self.model_(
+            windows, banks=self.banks_, num_negatives=self.test_negatives or self.num_negatives,
+            draws=self.test_draws, credit=self.credit, negatives=negatives,
+        )
+        sums = windows_to_grid(loss_sum.reshape(-1, nh, nh, m, m), m, r, (g, g))
+        counts = windows_to_grid(count.expand(1, nh, nh, m, m).contiguous(), m, r, (g, g))
+        return sums / counts.clamp(min=1)
 
     def _top_k(self) -> int:
         cells = self.grid_size**2

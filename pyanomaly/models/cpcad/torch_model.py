@@ -64,8 +64,11 @@ def unorient(s: torch.Tensor, direction: str) -> torch.Tensor:
 
 def windows_from_grid(grid: torch.Tensor, window: int, step: int) -> torch.Tensor:
     """Cut a feature grid (B, G, G, D) into overlapping windows (B, nh, nw, m, m, D)."""
-    w = grid.unfold(1, window, step).unfold(2, window, step)  # B nh nw D m m
-    return w.permute(0, 1, 2, 4, 5, 3)
+    g = grid.shape[1]
+    starts = torch.arange(0, g - window + 1, step, device=grid.device)
+    index = starts[:, None] + torch.arange(window, device=grid.device)  # (nh, m) rows of each window
+    rows = grid[:, index]  # B nh m G D (a gather, not unfold: exports to ONNX with a dynamic batch)
+    return rows[:, :, :, index].permute(0, 1, 3, 2, 4, 5)  # B nh m nw m D -> B nh nw m m D
 
 
 def windows_to_grid(values: torch.Tensor, window: int, step: int, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -137,7 +140,7 @@ class CPCADModel(nn.Module):
         draws: int = 1,
         generator: torch.Generator | None = None,
         credit: str = "target",
-        tile: int = 1,
+        negatives: Sequence[Sequence[torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE losses of one direction, credited to the target sub-patches (or see ``credit``).
 
@@ -151,9 +154,10 @@ class CPCADModel(nn.Module):
             generator: for the negative draws.
             credit: one of ``CREDITS``: where each term's loss is counted (scoring maps only; the
                 objective does not depend on it).
-            tile: the windows are ``tile`` images' worth (P divisible by it); negatives are drawn for
-                one image and repeated, so that with a generator seeded per call an image's scores
-                do not depend on the other images scored with it (scoring; 1 in training).
+            negatives: instead of drawing, ``negatives[k - 1][draw]`` (Q, K) rows of ``bank`` for
+                one image's Q queries of step k, repeated for every image (scoring: an image's scores
+                then do not depend on the other images scored with it, and an exported graph holds
+                them as constants).
 
         Returns:
             loss_sum (P, m, m) and count (m, m): the summed losses credited to each position and how
@@ -177,13 +181,15 @@ class CPCADModel(nn.Module):
             # training: GIM draws from the W_k-transformed targets of all windows in the batch
             bank_k = positives if bank is None else w_k(bank.float())
             total = None
-            for _ in range(draws):
-                neg_idx = sample_negatives(
-                    queries.shape[0] // tile, num_negatives, bank_k.shape[0], generator=generator,
-                    device=queries.device,
-                )
-                if tile > 1:
-                    neg_idx = neg_idx.repeat(tile, 1)
+            for draw in range(draws):
+                if negatives is None:
+                    neg_idx = sample_negatives(
+                        queries.shape[0], num_negatives, bank_k.shape[0], generator=generator,
+                        device=queries.device,
+                    )
+                else:
+                    fixed = negatives[k - 1][draw]  # (Q, K) for one image: the same for each
+                    neg_idx = fixed.unsqueeze(0).expand(queries.shape[0] // fixed.shape[0], -1, -1).reshape(-1, fixed.shape[1])
                 loss = infonce(queries, positives, bank_k, neg_idx)
                 total = loss if total is None else total + loss
             loss = total / draws
@@ -213,7 +219,7 @@ class CPCADModel(nn.Module):
         draws: int = 1,
         generator: torch.Generator | None = None,
         credit: str = "target",
-        tile: int = 1,
+        negatives: Sequence[Sequence[Sequence[torch.Tensor]]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All directions: per-position summed losses, term counts and the training objective.
 
@@ -221,7 +227,7 @@ class CPCADModel(nn.Module):
             windows: one (P, m, m, D) tensor per encoder.
             banks: None (training) or one (M, D) bank per encoder.
             credit: where each term's loss is counted (see :meth:`direction_losses`).
-            tile: images in the batch whose negatives repeat (see :meth:`direction_losses`).
+            negatives: per direction, :meth:`direction_losses`' fixed negatives (scoring).
 
         Returns:
             loss_sum (P, m, m) and count (m, m): summed over all (direction, step) terms credited to
@@ -235,7 +241,8 @@ class CPCADModel(nn.Module):
             e = self.encoder_of(index)
             s, c, o = self.direction_losses(
                 windows[e], index, bank=None if banks is None else banks[e],
-                num_negatives=num_negatives, draws=draws, generator=generator, credit=credit, tile=tile,
+                num_negatives=num_negatives, draws=draws, generator=generator, credit=credit,
+                negatives=None if negatives is None else negatives[index],
             )
             loss_sum = s if loss_sum is None else loss_sum + s
             count = c if count is None else count + c
