@@ -44,13 +44,13 @@ class _CPCADGraph(nn.Module):
         super().__init__()
         self.detector = detector
         self.model = detector.model_  # registered, so its weights are the graph's parameters
-        self.negatives = detector._scoring_negatives()
+        self.negatives = detector._scoring_negatives() if "infonce" in detector._components() else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from pyanomaly.ops import fold_patches
 
         d = self.detector
-        grid = d._normalized(d._grid_losses(images, self.negatives))
+        grid = d._normalized(d._grid_components(images, self.negatives))
         scores = grid.reshape(grid.shape[0], -1).topk(d._top_k(), dim=1).values.mean(1)
         maps = fold_patches(grid, d.sub_size, d.sub_stride, (d.image_size, d.image_size))
         return scores, maps

@@ -409,3 +409,41 @@ def test_cuda_on_a_cpu_torch_is_one_line(data_root, tmp_path, capsys):
                          "--out", str(tmp_path / method), "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert "CUDA requested" in err and "use device 'cpu' or 'auto'" in err and len(err.splitlines()) == 1
+
+
+def test_small_image_is_named_by_its_file(data_root, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (64, 64), 128).save(folder / f"{i}.png")
+    Image.new("L", (6, 64), 128).save(folder / "tiny.png")
+    assert cli.main(["fit", "--train", str(folder), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny.png is 64x6 pixels; this detector needs at least 64 px a side" in err
+
+
+def test_ctrl_c_during_training_says_nothing_was_saved(data_root, tmp_path, capsys, monkeypatch):
+    from pyanomaly.models.cpcad import CPCAD
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CPCAD, "fit", interrupted)
+    assert cli.main(["fit", "--data", str(data_root), "--category", "synthetic", "--out", str(tmp_path / "r")]) == 2
+    assert "interrupted: nothing was saved to" in capsys.readouterr().err
+    assert not (tmp_path / "r" / ".pyanomaly.lock").exists()
+
+
+def test_a_mask_that_marks_most_of_the_image_warns_once(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pyanomaly.data import load_mask
+
+    values = np.full((32, 32), 3, np.uint8)  # background 3, not 0
+    values[10:14, 10:14] = 255
+    Image.fromarray(values).save(tmp_path / "m.png")
+    with pytest.warns(UserWarning, match=r"m.png marks 100% of the image as defect: every pixel > 0 counts, and it holds values \[3, 255\]"):
+        assert load_mask(tmp_path / "m.png").all()

@@ -309,7 +309,7 @@ def test_lr_factor_warmup_then_cosine():
 def test_position_score_norm_standardises_training_scores_and_round_trips(synthetic, tmp_path):
     train, samples = synthetic
     det = CPCAD(**TINY, epochs=1, seed=0, score_norm="position", lr_schedule="cosine", warmup_epochs=1).fit(train)
-    mean, std = det.score_stats_
+    mean, std = det.score_stats_["infonce"]
     assert mean.shape == std.shape == (det.grid_size, det.grid_size) and (std > 0).all()
     train_grid = det.subpatch_scores(train)
     assert float(train_grid.mean(0).abs().max()) < 1e-3  # each position: mean 0 (float32 sums of z-scores)
@@ -320,7 +320,30 @@ def test_position_score_norm_standardises_training_scores_and_round_trips(synthe
     np.testing.assert_array_equal(loaded.decision_function(samples[:4]), det.decision_function(samples[:4]))
 
 
+def test_knn_and_combined_scores(synthetic, tmp_path):
+    """knn: each sub-patch's distance to its nearest bank embedding (other images' rows for a training
+    image); combined: the sum of both standardised components."""
+    train, samples = synthetic
+    images = [s.image for s in samples[:4]]
+    knn = CPCAD(**{**TINY, "bank_size": 10**6}, epochs=1, seed=0, anomaly_score="knn").fit(train)
+    grids = knn._subpatch_grid(knn._resize(images), None)
+    bank = knn.banks_[0]
+    brute = torch.cdist(grids[0].reshape(-1, bank.shape[1]).float(), bank).min(1).values.reshape(4, knn.grid_size, -1)
+    torch.testing.assert_close(knn.subpatch_scores(images), brute, rtol=1e-4, atol=1e-4)
+    train_images = [train[i].image for i in range(3)]
+    own = knn._knn(knn._subpatch_grid(knn._resize(train_images), None), torch.arange(3))
+    assert float(own.min()) > 0  # a training image does not find itself
+    combined = CPCAD(**TINY, epochs=1, seed=0, anomaly_score="combined", score_norm="position").fit(train)
+    assert set(combined.score_stats_) == {"infonce", "knn"}
+    parts = combined._component_grids(images)
+    expected = sum((parts[k] - combined.score_stats_[k][0]) / combined.score_stats_[k][1] for k in parts)
+    torch.testing.assert_close(combined.subpatch_scores(images), expected)
+    combined.save(tmp_path / "c.pt")
+    np.testing.assert_array_equal(CPCAD.load(tmp_path / "c.pt").decision_function(images), combined.decision_function(images))
+
+
 @pytest.mark.parametrize("kwargs, match", [({"credit": "left"}, "credit"), ({"lr_schedule": "step"}, "lr_schedule"),
+                                           ({"anomaly_score": "l2"}, "anomaly_score"),
                                            ({"warmup_epochs": -1}, "warmup_epochs"), ({"score_norm": "z"}, "score_norm"),
                                            ({"precision": "fp16"}, "precision"), ({"test_negatives": 0}, "test_negatives")])
 def test_new_options_validate(kwargs, match):

@@ -111,18 +111,20 @@ _WARNED_MASKS: set[str] = set()
 
 
 def _warn_if_not_binary(values: np.ndarray, file_path: Path) -> None:
-    """Warn (once per file) when a gray mask with more than two values marks most of the image:
-    ``> 0`` counts every non-zero pixel, so a background of 3 instead of 0 makes the whole image a
-    defect. (Anti-aliased masks, 0 with soft edges, do not warn.)"""
+    """Warn (once per file) when a gray mask marks most of the image and is not a clean 0/255 mask
+    (no zero at all, or more than two values): ``> 0`` counts every non-zero pixel, so a background
+    of 3 instead of 0 makes the whole image a defect. (Anti-aliased masks, 0 with soft edges, do not
+    warn.)"""
     share = float((values > 0).mean()) if values.size else 0.0
     if share <= 0.5 or str(file_path) in _WARNED_MASKS:
         return
     distinct = np.unique(values[:: max(1, values.shape[0] // 256)])
-    if len(distinct) > 2:
+    if distinct[0] > 0 or len(distinct) > 2:
         _WARNED_MASKS.add(str(file_path))
         warnings.warn(
-            f"mask {file_path} holds {len(distinct)}+ distinct values (e.g. {distinct[:4].tolist()}); every pixel > 0 "
-            f"counts as defect ({share:.0%} of this mask)", stacklevel=3,
+            f"mask {file_path} marks {share:.0%} of the image as defect: every pixel > 0 counts, and it holds "
+            f"values {distinct[:4].tolist()}{' ...' if len(distinct) > 4 else ''} (a background that is not 0?)",
+            stacklevel=3,
         )
 
 

@@ -30,6 +30,7 @@ LAYOUTS = ("grid", "nested")
 LR_SCHEDULES = ("constant", "cosine")
 ASPECTS = ("squash", "pad")
 SCORE_NORMS = ("none", "position")
+ANOMALY_SCORES = ("infonce", "knn", "combined")
 
 #: Greedy InfoMax's grayscale normalisation (loeweX/Greedy_InfoMax, STL-10 gray statistics).
 GIM_MEAN, GIM_STD = 0.4120, 0.2570
@@ -128,6 +129,13 @@ class CPCAD(Detector):
             each grid position's score is standardised by the mean and std of that position's scores
             over the training images (fitted after training; a departure from the paper that removes
             the fixed per-position offsets, e.g. at image borders).
+        anomaly_score: ``"infonce"`` (the paper: the sub-patch's InfoNCE loss), ``"knn"`` (the
+            distance of the sub-patch's embedding to its nearest training sub-patch embedding in the
+            bank, mean over encoders; PatchCore's score on CPC features) or ``"combined"`` (the sum of
+            the two, each after ``score_norm``). A departure from the paper, measured in
+            results/cpcad.md: InfoNCE is *low* on anomalies that are easy to tell apart from normal
+            texture (flat, blurred or large-area defects), where the nearest-neighbour distance is
+            high. Default infonce.
         score_batch_size: images per scoring batch.
         contamination: fraction of training scores above ``threshold_`` (PyOD).
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
@@ -213,6 +221,7 @@ class CPCAD(Detector):
         lr_schedule: str = "constant",
         warmup_epochs: int = 0,
         score_norm: str = "none",
+        anomaly_score: str = "infonce",
         score_batch_size: int = 4,
         contamination: float = 0.1,
         seed: int | None = 0,
@@ -282,6 +291,8 @@ class CPCAD(Detector):
             raise ValueError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
         if score_norm not in SCORE_NORMS:
             raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
+        if anomaly_score not in ANOMALY_SCORES:
+            raise ValueError(f"anomaly_score must be one of {ANOMALY_SCORES}, got {anomaly_score!r}")
         self.image_size, self.patch_size, self.patch_stride = image_size, patch_size, patch_stride
         self.aspect = aspect
         self.sub_size, self.sub_stride, self.layout, self.stem = sub_size, sub_stride, layout, stem
@@ -304,7 +315,7 @@ class CPCAD(Detector):
         self.test_negatives = test_negatives
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
-        self.score_norm = score_norm
+        self.score_norm, self.anomaly_score = score_norm, anomaly_score
         for name, value in (("lr", lr), ("mean", mean), ("std", std), ("crop_fraction", crop_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -320,16 +331,17 @@ class CPCAD(Detector):
             self._new_model()
         self.model_: CPCADModel | None = None
         self.banks_: list[torch.Tensor] | None = None
-        self.score_stats_: tuple[torch.Tensor, torch.Tensor] | None = None  # (G, G) mean, std
+        self.score_stats_: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # component: (G, G) mean, std
+        self.bank_owners_: list[torch.Tensor] | None = None  # per bank row, the training image it came from
         self.history_: list[float] = []
 
     # -- state --------------------------------------------------------------------------------
     def _get_state(self) -> dict:
         if self.banks_ is None:
             raise RuntimeError("this CPCAD is not fitted yet")
-        stats = None if self.score_stats_ is None else list(self.score_stats_)
+        stats = None if self.score_stats_ is None else {k: list(v) for k, v in self.score_stats_.items()}
         return {"model": self.model_.state_dict(), "banks": list(self.banks_), "history": list(self.history_),
-                "score_stats": stats}
+                "score_stats": stats, "bank_owners": None if self.bank_owners_ is None else list(self.bank_owners_)}
 
     def _set_state(self, state: dict) -> None:
         self.model_ = self._build_model()
@@ -338,7 +350,11 @@ class CPCAD(Detector):
         self.banks_ = [bank.to(self.device) for bank in state["banks"]]
         self.history_ = [float(v) for v in state.get("history", [])]
         stats = state.get("score_stats")
-        self.score_stats_ = None if stats is None else (stats[0].float(), stats[1].float())
+        if isinstance(stats, (list, tuple)):  # files from before anomaly_score: the InfoNCE statistics
+            stats = {"infonce": stats}
+        self.score_stats_ = None if stats is None else {k: (v[0].float(), v[1].float()) for k, v in stats.items()}
+        owners = state.get("bank_owners")
+        self.bank_owners_ = None if owners is None else list(owners)
 
     def _new_model(self) -> CPCADModel:
         return CPCADModel(
@@ -475,12 +491,12 @@ class CPCAD(Detector):
                 self.model_.train()
         bar.close()
         self.model_.eval()
-        self.banks_ = self._build_banks(images, gen)
+        self.banks_, self.bank_owners_ = self._build_banks(images, gen)
         self.score_stats_ = None
-        train_grid = self._subpatch_scores(images)
+        components = self._component_grids(images, own_rows=True)
         if self.score_norm == "position":
-            self.score_stats_ = position_stats(train_grid)
-            train_grid = self._normalized(train_grid)
+            self.score_stats_ = {name: position_stats(grid) for name, grid in components.items()}
+        train_grid = self._normalized(components)
         sizes = [tuple(x.shape[1:]) for x in images]
         scale = [self.image_size / max(size) for size in sizes]  # maps at the working size, not full size
         small = [(max(1, round(h * f)), max(1, round(w * f))) for (h, w), f in zip(sizes, scale)]
@@ -493,13 +509,13 @@ class CPCAD(Detector):
         also mid-training: a temporary negative bank is built from ``train_images`` (seeded)."""
         train_list = self._images(train_images, "train_images")
         image_list = self._images(images, "images")
-        kept = self.banks_
+        kept = self.banks_, self.bank_owners_
         self.model_.eval()
-        self.banks_ = self._build_banks(train_list, torch.Generator().manual_seed(self.seed or 0))
+        self.banks_, self.bank_owners_ = self._build_banks(train_list, torch.Generator().manual_seed(self.seed or 0))
         try:
             return self._subpatch_scores(train_list), self._subpatch_scores(image_list)
         finally:
-            self.banks_ = kept
+            self.banks_, self.bank_owners_ = kept
 
     def _random_crop(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.crop_fraction == 1.0:
@@ -511,21 +527,25 @@ class CPCAD(Detector):
         return image[:, top : top + ch, left : left + cw]
 
     @torch.no_grad()
-    def _build_banks(self, images: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-        """Embeddings of the training sub-patches (unaugmented), a random ``bank_size`` subset per encoder."""
+    def _build_banks(self, images: list[torch.Tensor], gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Embeddings of the training sub-patches (unaugmented), a random ``bank_size`` subset per
+        encoder, and each row's training image index (so a training image's nearest-neighbour score
+        can leave its own sub-patches out)."""
         parts: list[list[torch.Tensor]] = [[] for _ in self.model_.encoders]
         for i in range(0, len(images), self.score_batch_size):
             grids = self._subpatch_grid(self._resize(images[i : i + self.score_batch_size]), None)
             for store, grid in zip(parts, grids):
                 store.append(grid.reshape(-1, grid.shape[-1]).float())
-        banks = []
+        banks, owners = [], []
         for store in parts:
             bank = torch.cat(store)
+            owner = torch.arange(len(images), dtype=torch.int32, device=bank.device).repeat_interleave(self.grid_size**2)
             if bank.shape[0] > self.bank_size:
                 keep = torch.randperm(bank.shape[0], generator=gen)[: self.bank_size].to(bank.device)
-                bank = bank[keep]
+                bank, owner = bank[keep], owner[keep]
             banks.append(bank.contiguous())
-        return banks
+            owners.append(owner)
+        return banks, owners
 
     # -- scoring --------------------------------------------------------------------------------
     def _check_ready(self) -> None:
@@ -542,15 +562,68 @@ class CPCAD(Detector):
         return self._scores(self._images(images, "images"))
 
     def _scores(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """(N, G, G) sub-patch scores after ``score_norm``: what every scoring entry point returns."""
-        return self._normalized(self._subpatch_scores(images))
+        """(N, G, G) sub-patch scores (``anomaly_score`` after ``score_norm``): what every scoring
+        entry point returns."""
+        return self._normalized(self._component_grids(images))
 
-    def _normalized(self, grid_scores: torch.Tensor) -> torch.Tensor:
-        """(N, G, G) raw losses -> the scores ``score_norm`` asks for."""
-        if self.score_stats_ is None:
-            return grid_scores
-        mean, std = self.score_stats_
-        return (grid_scores - mean) / std
+    def _components(self) -> tuple[str, ...]:
+        return ("infonce", "knn") if self.anomaly_score == "combined" else (self.anomaly_score,)
+
+    def _normalized(self, components: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Raw (N, G, G) component grids (a tensor: InfoNCE alone) -> the score: each component
+        standardised with its fit-time statistics (``score_norm="position"``), then summed."""
+        if isinstance(components, torch.Tensor):
+            components = {"infonce": components}
+        total = None
+        for name, grid in components.items():
+            if self.score_stats_ is not None:
+                mean, std = self.score_stats_[name]
+                grid = (grid - mean) / std
+            total = grid if total is None else total + grid
+        return total
+
+    @torch.no_grad()
+    def _component_grids(self, images: list[torch.Tensor], own_rows: bool = False) -> dict[str, torch.Tensor]:
+        """Raw (N, G, G) grids of the components ``anomaly_score`` needs; ``own_rows``: ``images`` are
+        the training images in bank order, and each one's nearest neighbour is taken among the
+        other images' sub-patches."""
+        if self.anomaly_score == "infonce":
+            return {"infonce": self._subpatch_scores(images)}
+        self.model_.eval()
+        negatives = self._scoring_negatives() if self.anomaly_score == "combined" else None
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._components()}
+        bar = progress(len(images), "cpcad score", self.verbose and len(images) > self.score_batch_size, "image")
+        for i in range(0, len(images), self.score_batch_size):
+            batch = self._resize(images[i : i + self.score_batch_size])
+            owners = torch.arange(i, i + batch.shape[0], device=self.device) if own_rows else None
+            for name, grid in self._grid_components(batch, negatives, owners).items():
+                parts[name].append(grid.cpu())
+            bar.update(batch.shape[0])
+        bar.close()
+        return {name: torch.cat(grids) for name, grids in parts.items()}
+
+    def _grid_components(self, batch: torch.Tensor, negatives, owners: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """uint8 (B, C, S, S) -> the raw (B, G, G) component grids of one batch (one encoder pass)."""
+        out = {}
+        if "knn" in self._components():
+            grids = self._subpatch_grid(batch, None)
+            out["knn"] = self._knn(grids, owners)
+        if "infonce" in self._components():
+            out["infonce"] = self._grid_losses(batch, negatives)
+        return out
+
+    def _knn(self, grids: list[torch.Tensor], owners: torch.Tensor | None) -> torch.Tensor:
+        """(B, G, G): mean over encoders of each sub-patch embedding's L2 distance to its nearest bank
+        row (rows of image ``owners[b]`` left out for image b when given)."""
+        total = None
+        for grid, bank, bank_owner in zip(grids, self.banks_, self.bank_owners_ or [None] * len(grids)):
+            flat = grid.float().reshape(grid.shape[0], -1, grid.shape[-1])  # B, G*G, D
+            d2 = (flat * flat).sum(-1, keepdim=True) - 2 * flat @ bank.T + (bank * bank).sum(-1)
+            if owners is not None:
+                d2 = d2.masked_fill(bank_owner[None, None, :] == owners[:, None, None], float("inf"))
+            dist = d2.min(dim=-1).values.clamp(min=0).sqrt().reshape(grid.shape[:3])
+            total = dist if total is None else total + dist
+        return total / len(grids)
 
     def _subpatch_scores(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(N, G, G) raw per-sub-patch losses (before ``score_norm``)."""
