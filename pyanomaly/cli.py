@@ -194,7 +194,8 @@ def add_fit_parser(commands, argv) -> None:
     p.add_argument("--data", help="MVTec-AD-layout root folder (with --category)")
     p.add_argument("--category", help="category folder under --data")
     p.add_argument("--train", help="a plain folder (or glob) of normal training images, instead of --data")
-    p.add_argument("--out", required=True, help="run folder to write model.pt and config.json to")
+    p.add_argument("--out", help="run folder to write model.pt and config.json to")
+    p.add_argument("--resume", metavar="RUN", help="continue the checkpointed fit in RUN (fit with --checkpoint-every N)")
     _add_common_config(p)
     names = add_method_options(p, get_method(method)) if method in METHODS else []
     p.set_defaults(func=cmd_fit, method_options=names)
@@ -203,6 +204,15 @@ def add_fit_parser(commands, argv) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from pyanomaly.runs import fit_run
 
+    if args.resume is not None:
+        if args.out not in (None, args.resume) or args.data or args.train:
+            raise CLIError("--resume RUN takes its data and output folder from RUN; drop --out/--data/--train")
+        config = {name: getattr(args, name) for name in args.method_options if hasattr(args, name)}
+        fit_run(args.method, args.resume, config, resume=True)
+        print(f"saved {Path(args.resume) / 'model.pt'} and {Path(args.resume) / 'config.json'}")
+        return 0
+    if args.out is None:
+        raise CLIError("fit needs --out RUN (the run folder to write)")
     config = _detector_config(args, args.method, args.method_options)
     fit_run(args.method, args.out, config, data=args.data, category=args.category, train=args.train,
             overwrite=args.overwrite)

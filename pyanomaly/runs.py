@@ -28,7 +28,10 @@ __all__ = [
 ]
 
 #: What a run writes into its folder (``--overwrite`` clears exactly these).
-RUN_OUTPUTS = ("model.pt", "config.json", "metrics.json", "per_defect.csv", "heatmaps", "eval", "model.onnx", "model.pt2")
+RUN_OUTPUTS = ("model.pt", "config.json", "metrics.json", "per_defect.csv", "heatmaps", "eval", "model.onnx", "model.pt2",
+               "fit-args.json", "cpcad-checkpoint.pt", "anomem-checkpoint.pt")
+#: What an interrupted, checkpointed fit leaves: ``--resume`` continues it.
+RESUMABLE = ("fit-args.json", "cpcad-checkpoint.pt", "anomem-checkpoint.pt")
 LOCK_NAME = ".pyanomaly.lock"
 
 
@@ -78,7 +81,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def claim_run_folder(out: str | os.PathLike, *, overwrite: bool = False):
+def claim_run_folder(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False):
     """Validate, create and lock a run folder before any work; returns the lock's context manager.
 
     Refuses: an empty name or the current folder (a run needs its own folder), a path that is a
@@ -102,7 +105,7 @@ def claim_run_folder(out: str | os.PathLike, *, overwrite: bool = False):
     lock = _locked(folder)
     lock.__enter__()
     try:
-        existing = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+        existing = [name for name in RUN_OUTPUTS if (folder / name).exists() and not (resume and name in RESUMABLE)]
         if existing and not overwrite:
             raise RunError(
                 f"run folder {text!r} already holds a run ({', '.join(existing)}); use another --out, "
@@ -207,17 +210,33 @@ def test_set(*, data: str | os.PathLike | None = None, category: str | None = No
 
 
 # -- fit -----------------------------------------------------------------------------------------
+RESUME_ARGS = "fit-args.json"
+
+
 def fit_run(method: str, out: str | os.PathLike, config: dict[str, Any], *, data=None, category=None, train=None,
-            overwrite: bool = False):
+            overwrite: bool = False, resume: bool = False):
     """Train ``method`` on the training images; write ``out/model.pt`` and ``out/config.json``.
 
     Everything that can fail (data, options, the run folder) is checked before the first epoch.
+    With ``checkpoint_every`` the training state goes to ``out`` (unless ``checkpoint_dir`` says
+    otherwise) and the arguments to ``out/fit-args.json``; ``resume=True`` continues the fit those
+    describe (``pyanomaly fit --resume RUN``).
     """
     import pyanomaly
     import torch
 
     from pyanomaly.models.base import get_method
 
+    if resume:
+        args_file = Path(out) / RESUME_ARGS
+        if not args_file.is_file():
+            raise RunError(f"nothing to resume in {out}: no {RESUME_ARGS} (fit with --checkpoint-every N first)")
+        saved = json.loads(args_file.read_text())
+        method, config = saved["method"], {**saved["config"], **config}
+        data, category, train = saved.get("data"), saved.get("category"), saved.get("train")
+    config = dict(config)
+    if config.get("checkpoint_every") and not config.get("checkpoint_dir"):
+        config["checkpoint_dir"] = str(out)
     cls = get_method(method)
     try:
         detector = cls(**config)
@@ -228,13 +247,19 @@ def fit_run(method: str, out: str | os.PathLike, config: dict[str, Any], *, data
     if getattr(detector, "epochs", 1) < 1:
         raise RunError("epochs must be >= 1 (0 would save an untrained model)")
     files, source = training_files(data=data, category=category, train=train)
-    lock = claim_run_folder(out, overwrite=overwrite)
+    lock = claim_run_folder(out, overwrite=overwrite, resume=resume)
     out = Path(out)
     try:
+        if detector.checkpoint_every and not resume:
+            _write_json(out / RESUME_ARGS, {"method": method, "config": detector.config(), "data": data and str(data),
+                                            "category": category, "train": train and str(train)})
         start = time.perf_counter()
         try:
-            detector.fit(files)
+            detector.fit(files, resume=detector.checkpoint_dir if resume else None)
         except KeyboardInterrupt:
+            if detector.checkpoint_every:
+                raise RunError(f"interrupted: the last checkpoint is in {detector.checkpoint_dir}; "
+                               f"continue with `pyanomaly fit --resume {out}`") from None
             raise RunError(f"interrupted: nothing was saved to {out}") from None
         seconds = time.perf_counter() - start
         detector.save(out / "model.pt")

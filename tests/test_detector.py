@@ -295,3 +295,56 @@ def test_newer_format_is_refused(tmp_path):
     torch.save({"format": "pyanomaly", "format_version": 99, "pyanomaly_version": "9.0"}, path)
     with pytest.raises(ValueError, match="format version 99 .*9.0.*upgrade pyanomaly"):
         Detector.load(Path(path))
+
+
+# -- resumable fits ---------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epoch):
+    def hook(detector, record):
+        if record["epoch"] == epoch:
+            raise _Stop
+
+    return hook
+
+
+@pytest.mark.parametrize("cls, kwargs", [(CPCAD, {**CPCAD_TINY, "crop_fraction": 2 / 3}), (AnoMem, {**ANOMEM_TINY, "epochs": 3})])
+def test_an_interrupted_fit_resumes_to_the_same_parameters(cls, kwargs, data, tmp_path):
+    """Seeded CPU fit stopped after epoch 2 (checkpoint every epoch) and resumed == uninterrupted."""
+    images = [data[1][i].image for i in range(12)]
+    epochs = kwargs["epochs"]
+    whole = cls(**kwargs).fit(images)
+    interrupted = cls(**kwargs, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    with pytest.raises(_Stop):
+        interrupted.fit(images, on_epoch_end=_stop_after(2))
+    assert (tmp_path / f"{cls.method}-checkpoint.pt").is_file()
+    resumed = cls(**kwargs, checkpoint_every=1, checkpoint_dir=str(tmp_path)).fit(images, resume=tmp_path)
+    for (name, a), b in zip(whole.model_.state_dict().items(), resumed.model_.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert len(resumed.history_) == epochs
+    np.testing.assert_array_equal(resumed.decision_scores_, whole.decision_scores_)
+    with pytest.raises(ValueError, match="other settings .*lr"):
+        cls(**{**kwargs, "lr": 0.5}).fit(images, resume=tmp_path)
+    with pytest.raises(ValueError, match="resume with the same data"):
+        cls(**kwargs).fit(images[:8], resume=tmp_path)
+
+
+def test_cli_resume(tmp_path, data, capsys):
+    from pyanomaly import cli
+
+    root = data[0]
+    run = tmp_path / "run"
+    tiny = ["--image-size", "64", "--patch-size", "32", "--patch-stride", "16", "--sub-size", "8", "--sub-stride", "4",
+            "--widths", "[8, 16, 32]", "--blocks", "[1, 1, 1]", "--prediction-steps", "2", "--quiet"]
+    assert cli.main(["fit", "--data", str(root), "--category", "synthetic", "--out", str(run), "--epochs", "2",
+                     "--checkpoint-every", "1", *tiny]) == 0
+    assert (run / "fit-args.json").is_file() and (run / "cpcad-checkpoint.pt").is_file()
+    (run / "model.pt").unlink()
+    (run / "config.json").unlink()  # as if the fit had stopped after its last checkpoint
+    assert cli.main(["fit", "--resume", str(run), "--quiet"]) == 0
+    assert (run / "model.pt").is_file()
+    capsys.readouterr()
+    assert cli.main(["fit", "--data", str(root), "--category", "synthetic", "--out", str(run), *tiny]) == 2
+    assert "already holds a run" in capsys.readouterr().err

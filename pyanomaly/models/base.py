@@ -399,6 +399,48 @@ class Detector:
 
         return export(self, path, format)
 
+    # -- resumable fits ---------------------------------------------------------------------
+    #: Parameters that may differ between a checkpoint and the fit resuming it.
+    _RESUME_FREE = ("checkpoint_every", "checkpoint_dir", "verbose", "device", "epochs")
+
+    def _checkpoint_file(self) -> Path | None:
+        directory = getattr(self, "checkpoint_dir", None)
+        return None if directory is None else Path(directory) / f"{self.method}-checkpoint.pt"
+
+    def _maybe_checkpoint(self, epoch: int, training: dict[str, Any]) -> None:
+        """After ``epoch`` (1-based): write the training state atomically every ``checkpoint_every``
+        epochs (and after the last)."""
+        every, path = getattr(self, "checkpoint_every", 0), self._checkpoint_file()
+        if not every or path is None or (epoch % every and epoch != self.epochs):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"format": "pyanomaly-checkpoint", "method": self.method, "config": self.config(),
+                     **_versions(), "epoch": epoch, "training": _to_cpu(training)}, path)
+
+    def _read_checkpoint(self, resume: str | os.PathLike) -> dict[str, Any]:
+        """The training state saved by :meth:`_maybe_checkpoint` in ``resume`` (a file or the folder
+        holding ``<method>-checkpoint.pt``), after checking that it belongs to this configuration."""
+        path = Path(resume)
+        if path.is_dir():
+            path = path / f"{self.method}-checkpoint.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{str(path)!r} is not a readable pyanomaly checkpoint ({exc})") from exc
+        if not isinstance(saved, dict) or saved.get("format") != "pyanomaly-checkpoint" or saved.get("method") != self.method:
+            raise ValueError(f"{str(path)!r} is not a {self.method} checkpoint")
+        mine, theirs = self.config(), saved["config"]
+        changed = sorted(k for k in set(mine) | set(theirs) if k not in self._RESUME_FREE and mine.get(k) != theirs.get(k))
+        if changed:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was written with other settings ({', '.join(changed)}); resume with the same ones"
+            )
+        if saved["epoch"] > self.epochs:
+            raise ValueError(f"checkpoint {str(path)!r} is at epoch {saved['epoch']}, past epochs={self.epochs}")
+        return {"epoch": int(saved["epoch"]), **saved["training"]}
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted detector to one file (atomically: an existing file is replaced whole)."""

@@ -89,6 +89,10 @@ class AnoMem(Detector):
             ``pyanomaly.models._precision``), ``"bf16"`` or ``"fp32"``. Memories, projections,
             NT-Xent and scores always run in fp32; the encoder runs channels_last.
         eval_batch_size: images per scoring batch.
+        checkpoint_every: write the stage-1 training state every this many epochs (and after the
+            last) to ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and
+            ends with the same parameters as an uninterrupted fit (seeded, CPU).
+        checkpoint_dir: folder for ``anomem-checkpoint.pt`` (written atomically).
         verbose: progress bars (tqdm, stderr) while training and scoring; per-epoch losses go to the
             ``"pyanomaly"`` logger at INFO either way.
 
@@ -148,6 +152,8 @@ class AnoMem(Detector):
         device: str | torch.device = "auto",
         precision: str = "auto",
         eval_batch_size: int = 256,
+        checkpoint_every: int = 0,
+        checkpoint_dir: str | None = None,
         verbose: bool = False,
     ) -> None:
         super().__init__(contamination=contamination)
@@ -222,6 +228,11 @@ class AnoMem(Detector):
         self.device = resolve_device(device)
         self.precision = check_precision(precision)
         self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
+        self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
         self.verbose = bool(verbose)
         self.model_: AnoMemModel | None = None
         self.history_: list[dict[str, Any]] = []
@@ -271,7 +282,7 @@ class AnoMem(Detector):
         ).to(memory_format=torch.channels_last)
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, data, y=None, *, anomalies=None, on_epoch_end=None) -> AnoMem:
+    def fit(self, data, y=None, *, anomalies=None, on_epoch_end=None, resume=None) -> AnoMem:
         """Train on normal images, plus labelled anomalies for the semi-supervised detector.
 
         Args:
@@ -312,7 +323,7 @@ class AnoMem(Detector):
             self.model_ = self._build_model(self.in_channels_, size, mean.tolist(), std.tolist())
         self.model_.to(self.device)
         self.history_ = []
-        self._train_stage1(normal_x, anomaly_x, on_epoch_end)
+        self._train_stage1(normal_x, anomaly_x, on_epoch_end, resume)
         if self.semi_supervised_:
             self._train_classifiers(normal_x, anomaly_x)
         train_scores, train_maps = self._scores_and_maps(torch.cat([normal_x, anomaly_x]))
@@ -320,7 +331,7 @@ class AnoMem(Detector):
         self._log(f"fitted in {time.perf_counter() - start:.1f} s")
         return self
 
-    def _train_stage1(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor, on_epoch_end=None) -> None:
+    def _train_stage1(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor, on_epoch_end=None, resume=None) -> None:
         model = self.model_
         images = torch.cat([normal_x, anomaly_x])
         is_normal = torch.cat(
@@ -344,7 +355,19 @@ class AnoMem(Detector):
         config = AugmentConfig(**self.augment)
         model.train()
         bar = progress(self.epochs * steps_per_epoch, "anomem fit", self.verbose)
-        for epoch in range(1, self.epochs + 1):
+        first = 0
+        if resume is not None:
+            state = self._read_checkpoint(resume)
+            if state["images"] != n:
+                raise ValueError(f"the checkpoint was trained on {state['images']} images, not {n}: resume with the same data")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            cpu_gen.set_state(state["cpu_gen"])
+            gen.set_state(state["gen"].to(gen.get_state().device))
+            self.history_, first = [dict(r) for r in state["history"]], state["epoch"]
+        bar.update(first * steps_per_epoch)
+        for epoch in range(first + 1, self.epochs + 1):
             tick = time.perf_counter()
             order = torch.randperm(n, generator=cpu_gen)
             sums = {"loss": 0.0, "contrastive": 0.0, "variance": 0.0}
@@ -390,6 +413,11 @@ class AnoMem(Detector):
                 f"(contrastive {record['contrastive']:.4f}, variance {record['variance']:.4f}) "
                 f"lr {lr:.4g} {record['seconds']:.1f} s"
             )
+            self._maybe_checkpoint(epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "cpu_gen": cpu_gen.get_state(), "gen": gen.get_state(), "history": [dict(r) for r in self.history_],
+                "images": n,
+            })
             if on_epoch_end is not None:
                 on_epoch_end(self, record)
                 model.train()

@@ -137,6 +137,10 @@ class CPCAD(Detector):
             texture (flat, blurred or large-area defects), where the nearest-neighbour distance is
             high. Default infonce.
         score_batch_size: images per scoring batch.
+        checkpoint_every: write the training state every this many epochs (and after the last) to
+            ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and ends with
+            the same parameters as an uninterrupted fit (seeded, CPU).
+        checkpoint_dir: folder for ``cpcad-checkpoint.pt`` (written atomically).
         contamination: fraction of training scores above ``threshold_`` (PyOD).
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
             scoring draws are seeded too, the same for every image, so an image's scores are
@@ -223,6 +227,8 @@ class CPCAD(Detector):
         score_norm: str = "none",
         anomaly_score: str = "infonce",
         score_batch_size: int = 4,
+        checkpoint_every: int = 0,
+        checkpoint_dir: str | None = None,
         contamination: float = 0.1,
         seed: int | None = 0,
         device: str | torch.device = "auto",
@@ -316,6 +322,11 @@ class CPCAD(Detector):
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
         self.score_norm, self.anomaly_score = score_norm, anomaly_score
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
+        self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
         for name, value in (("lr", lr), ("mean", mean), ("std", std), ("crop_fraction", crop_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -431,7 +442,7 @@ class CPCAD(Detector):
         return torch.stack(masks) if masks else torch.ones(0, g, g, dtype=torch.bool)
 
     # -- training -------------------------------------------------------------------------------
-    def fit(self, data: Any, y: Any = None, *, on_epoch_end=None) -> CPCAD:
+    def fit(self, data: Any, y: Any = None, *, on_epoch_end=None, resume=None) -> CPCAD:
         """Train on normal images, build the negative bank and fit the thresholds.
 
         Args:
@@ -440,6 +451,8 @@ class CPCAD(Detector):
             y: optional (N,) labels, 1 = anomalous: those images are left out (CPC-AD is one-class).
             on_epoch_end: optional ``fn(detector, {"epoch": e, "loss": l})`` after every epoch
                 (learning curves: it may call :meth:`scores_now`); training resumes afterwards.
+            resume: a checkpoint (file, or the ``checkpoint_dir`` holding one) of a fit with the same
+                settings and data to continue from.
         """
         images = _normal_only(self._images(data, "data"), y)
         gen = torch.Generator().manual_seed(
@@ -456,10 +469,21 @@ class CPCAD(Detector):
             optimizer, lr_factor(self.lr_schedule, steps * self.warmup_epochs, steps * self.epochs)
         )
         resized = self._resize(images) if self.crop_fraction == 1.0 else None
-        self.history_ = []
+        self.history_, first = [], 0
+        if resume is not None:
+            state = self._read_checkpoint(resume)
+            if state["images"] != n:
+                raise ValueError(f"the checkpoint was trained on {state['images']} images, not {n}: resume with the same data")
+            self.model_.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            gen.set_state(state["gen"])
+            neg_gen.set_state(state["neg_gen"].to(neg_gen.get_state().device))
+            self.history_, first = list(state["history"]), state["epoch"]
         start = time.perf_counter()
         bar = progress(self.epochs * steps, "cpcad fit", self.verbose)
-        for epoch in range(self.epochs):
+        bar.update(first * steps)
+        for epoch in range(first, self.epochs):
             order = torch.randperm(n, generator=gen).tolist()
             total, seen = 0.0, 0
             for step in range(steps):
@@ -486,6 +510,10 @@ class CPCAD(Detector):
             self.history_.append(total / seen)
             logger.info("cpcad epoch %d/%d loss %.4f %.0fs", epoch + 1, self.epochs, total / seen,
                         time.perf_counter() - start)
+            self._maybe_checkpoint(epoch + 1, {
+                "model": self.model_.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "gen": gen.get_state(), "neg_gen": neg_gen.get_state(), "history": list(self.history_), "images": n,
+            })
             if on_epoch_end is not None:
                 on_epoch_end(self, {"epoch": epoch + 1, "loss": total / seen})
                 self.model_.train()
