@@ -401,7 +401,7 @@ class Detector:
 
     # -- resumable fits ---------------------------------------------------------------------
     #: Parameters that may differ between a checkpoint and the fit resuming it.
-    _RESUME_FREE = ("checkpoint_every", "checkpoint_dir", "verbose", "device", "epochs")
+    _RESUME_FREE = ("checkpoint_every", "checkpoint_dir", "verbose", "device", "epochs", "activation_checkpointing")
 
     def _checkpoint_file(self) -> Path | None:
         directory = getattr(self, "checkpoint_dir", None)

@@ -109,10 +109,22 @@ class PreActResNetEncoder(nn.Module):
                 channels = width
         self.layers = nn.Sequential(*layers)
         self.out_channels = channels
+        #: Recompute each residual block's activations in the backward instead of keeping them
+        #: (``torch.utils.checkpoint``; training only): peak memory down to about one block's worth
+        #: plus the block inputs, for one extra forward. Exact: the encoder has no normalisation
+        #: or randomness.
+        self.checkpoint_activations = False
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, D, h', w') before pooling."""
-        return self.layers(self.stem(x))
+        x = self.stem(x)
+        if not (self.checkpoint_activations and self.training and torch.is_grad_enabled()):
+            return self.layers(x)
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.layers:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, D): the average-pooled feature map."""

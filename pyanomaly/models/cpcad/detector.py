@@ -141,6 +141,10 @@ class CPCAD(Detector):
             ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and ends with
             the same parameters as an uninterrupted fit (seeded, CPU).
         checkpoint_dir: folder for ``cpcad-checkpoint.pt`` (written atomically).
+        activation_checkpointing: recompute each residual block's activations in the backward
+            (``torch.utils.checkpoint``) instead of storing them: much less training memory at the
+            paper's size for one extra encoder forward (bench/bench_memory.py). Exact (no
+            normalisation or randomness in the encoder). Default False.
         contamination: fraction of training scores above ``threshold_`` (PyOD).
         seed: seeds initialisation, crops, flips, shuffling and negative draws (reproducible on CPU);
             scoring draws are seeded too, the same for every image, so an image's scores are
@@ -229,6 +233,7 @@ class CPCAD(Detector):
         score_batch_size: int = 4,
         checkpoint_every: int = 0,
         checkpoint_dir: str | None = None,
+        activation_checkpointing: bool = False,
         contamination: float = 0.1,
         seed: int | None = 0,
         device: str | torch.device = "auto",
@@ -327,6 +332,7 @@ class CPCAD(Detector):
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
         self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
+        self.activation_checkpointing = bool(activation_checkpointing)
         for name, value in (("lr", lr), ("mean", mean), ("std", std), ("crop_fraction", crop_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -379,6 +385,8 @@ class CPCAD(Detector):
             if self.seed is not None:
                 torch.manual_seed(self.seed)
             model = self._new_model()
+        for encoder in model.encoders:
+            encoder.checkpoint_activations = self.activation_checkpointing
         return model.to(self.device, memory_format=torch.channels_last)
 
     def _images(self, data: Any, name: str) -> list[torch.Tensor]:
