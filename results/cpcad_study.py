@@ -59,7 +59,8 @@ SETTINGS: dict[str, dict] = {
     "cosine": {"lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5},
     "e150_cosine": {"epochs": 150, "lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5},
     "pad": {"aspect": "pad"},
-    # BASE + best128 is exactly CPCAD.PRESETS["cpu"]
+    # BASE + best128 was CPCAD.PRESETS["cpu"] until 2026-12-02; the preset now adds
+    # anomaly_score="combined" (results/cpcad_knn.py scores both from one fit)
     "best128": {"epochs": 150, "lr": 3e-3, "lr_schedule": "cosine", "warmup_epochs": 5, "aspect": "pad",
                 "score_norm": "position"},
     "px256_sub16": {"image_size": 256, "patch_size": 64, "patch_stride": 32, "sub_size": 16, "sub_stride": 8},
