@@ -644,12 +644,12 @@ class CPCAD(Detector):
 
     def _grid_components(self, batch: torch.Tensor, negatives, owners: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """uint8 (B, C, S, S) -> the raw (B, G, G) component grids of one batch (one encoder pass)."""
-        out = {}
+        out, grids = {}, None
         if "knn" in self._components():
             grids = self._subpatch_grid(batch, None)
             out["knn"] = self._knn(grids, owners)
         if "infonce" in self._components():
-            out["infonce"] = self._grid_losses(batch, negatives)
+            out["infonce"] = self._grid_losses(batch, negatives, grids)
         return out
 
     def _knn(self, grids: list[torch.Tensor], owners: torch.Tensor | None) -> torch.Tensor:
@@ -692,10 +692,14 @@ class CPCAD(Detector):
                          for _ in range(self.test_draws)] for r in steps])
         return out
 
-    def _grid_losses(self, batch: torch.Tensor, negatives) -> torch.Tensor:
-        """uint8 (B, C, S, S) -> (B, G, G) raw per-sub-patch losses with the given fixed negatives."""
+    def _grid_losses(self, batch: torch.Tensor, negatives, grids: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """uint8 (B, C, S, S) -> (B, G, G) raw per-sub-patch losses with the given fixed negatives
+        (``grids``: the batch's sub-patch embeddings when already computed, grid layout)."""
         m, r, g, nh = self.window, self.ratio, self.grid_size, self.patches_per_side
-        windows = self._windows(batch, None)
+        if grids is not None and self.layout == "grid":
+            windows = [windows_from_grid(e, m, r).reshape(-1, m, m, e.shape[-1]) for e in grids]
+        else:
+            windows = self._windows(batch, None)
         loss_sum, count, _ = self.model_(
             windows, banks=self.banks_, num_negatives=self.test_negatives or self.num_negatives,
             draws=self.test_draws, credit=self.credit, negatives=negatives,
