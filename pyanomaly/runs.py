@@ -250,14 +250,15 @@ def fit_run(method: str, out: str | os.PathLike, config: dict[str, Any], *, data
     lock = claim_run_folder(out, overwrite=overwrite, resume=resume)
     out = Path(out)
     try:
-        if detector.checkpoint_every and not resume:
+        checkpointing = getattr(detector, "checkpoint_every", 0)
+        if checkpointing and not resume:
             _write_json(out / RESUME_ARGS, {"method": method, "config": detector.config(), "data": data and str(data),
                                             "category": category, "train": train and str(train)})
         start = time.perf_counter()
         try:
-            detector.fit(files, resume=detector.checkpoint_dir if resume else None)
+            detector.fit(files, **({"resume": detector.checkpoint_dir} if resume else {}))
         except KeyboardInterrupt:
-            if detector.checkpoint_every:
+            if checkpointing:
                 raise RunError(f"interrupted: the last checkpoint is in {detector.checkpoint_dir}; "
                                f"continue with `pyanomaly fit --resume {out}`") from None
             raise RunError(f"interrupted: nothing was saved to {out}") from None

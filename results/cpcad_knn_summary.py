@@ -14,11 +14,13 @@ import numpy as np
 SCORES = ("infonce", "knn", "combined")
 
 
-def _ms(values) -> str:
+def _ms(values, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def main(paths: list[str]) -> None:
@@ -36,7 +38,7 @@ def main(paths: list[str]) -> None:
         for score in SCORES:
             print(f"| {name} | {seeds} | {score} | {_ms([r[score]['image_auroc'] for r in records])} | "
                   f"{_ms([r[score]['pixel_auroc'] for r in records])} | {_ms([r[score]['aupro'] for r in records])} | "
-                  f"{_ms([r['fit_s'] for r in records]) if score == 'infonce' else ''} |")
+                  f"{_ms([r['fit_s'] for r in records], 0) if score == 'infonce' else ''} |")
     print()
     print("| set | score | pixel AUROC per defect type (mean over seeds) |")
     print("|---|---|---|")
