@@ -183,9 +183,10 @@ class CPCAD(Detector):
     #:   image AUROC on the same models), and ``anomaly_score="combined"`` (InfoNCE plus the
     #:   nearest-neighbour distance of the CPC embeddings, both standardised; a departure from the
     #:   paper, "infonce" restores it): on magnetic_tile (3 seeds) image AUROC 0.79 -> 0.81, pixel
-    #:   0.70 -> 0.72, AUPRO 0.44 -> 0.53; on glass (seed 0) pixel 0.62 -> 0.77 but AUPRO 0.61 -> 0.32; on the
-    #:   synthetic brick texture (seed 0) pixel 0.38 -> 0.61 (results/cpcad.md). About 2 s an epoch per 100
-    #:   images on 2 idle cores: ~5 minutes for 100 images, ~15 for 300.
+    #:   0.70 -> 0.72, AUPRO 0.44 -> 0.53; on glass (3 seeds) pixel 0.69 -> 0.76 but AUPRO
+    #:   0.50 -> 0.34; on the synthetic brick texture (seed 0) pixel 0.38 -> 0.61, where "knn"
+    #:   alone reaches 0.82 (results/cpcad.md). About 2 s an epoch per 100 images on 2 idle cores:
+    #:   ~5 minutes for 100 images, ~15 for 300.
     PRESETS = {
         "paper": dict(
             image_size=768, patch_size=256, patch_stride=128, sub_size=64, sub_stride=32, stem="gim",
