@@ -26,7 +26,9 @@ def detectors():
     cpcad = CPCAD(**CPCAD_TINY).fit(_images(10, 1, 64, 0))
     one_class = AnoMem(**ANOMEM_TINY).fit(_images(16, 3, 32, 1))
     semi = AnoMem(**ANOMEM_TINY).fit(_images(16, 3, 32, 1), anomalies=_images(4, 3, 32, 2))
-    return {"cpcad": (cpcad, _images(5, 1, 64, 3)), "anomem": (one_class, _images(5, 3, 32, 4)),
+    combined = CPCAD(**{**CPCAD_TINY, "anomaly_score": "combined"}).fit(_images(10, 1, 64, 0))  # the cpu preset's score
+    return {"cpcad": (cpcad, _images(5, 1, 64, 3)), "cpcad-combined": (combined, _images(5, 1, 64, 3)),
+            "anomem": (one_class, _images(5, 3, 32, 4)),
             "anomem-semi": (semi, _images(5, 3, 32, 4))}
 
 
@@ -37,7 +39,7 @@ def _close(expected_scores, expected_maps, scores, maps):
     np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("name", ["cpcad", "anomem", "anomem-semi"])
+@pytest.mark.parametrize("name", ["cpcad", "cpcad-combined", "anomem", "anomem-semi"])
 def test_onnx_matches_score_with_a_dynamic_batch(name, detectors, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
