@@ -403,6 +403,14 @@ class Detector:
     #: Parameters that may differ between a checkpoint and the fit resuming it.
     _RESUME_FREE = ("checkpoint_every", "checkpoint_dir", "verbose", "device", "epochs", "activation_checkpointing")
 
+    def _set_checkpointing(self, checkpoint_every: int, checkpoint_dir: str | None) -> None:
+        """Validate and store the two checkpoint arguments both detectors take."""
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
+        self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
+
     def _checkpoint_file(self) -> Path | None:
         directory = getattr(self, "checkpoint_dir", None)
         return None if directory is None else Path(directory) / f"{self.method}-checkpoint.pt"

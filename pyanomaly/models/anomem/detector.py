@@ -228,11 +228,7 @@ class AnoMem(Detector):
         self.device = resolve_device(device)
         self.precision = check_precision(precision)
         self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
-        if checkpoint_every and checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
-        self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
+        self._set_checkpointing(checkpoint_every, checkpoint_dir)
         self.verbose = bool(verbose)
         self.model_: AnoMemModel | None = None
         self.history_: list[dict[str, Any]] = []

@@ -332,11 +332,7 @@ class CPCAD(Detector):
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
         self.score_norm, self.anomaly_score = score_norm, anomaly_score
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
-        if checkpoint_every and checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
-        self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
+        self._set_checkpointing(checkpoint_every, checkpoint_dir)
         self.activation_checkpointing = bool(activation_checkpointing)
         for name, value in (("lr", lr), ("mean", mean), ("std", std), ("crop_fraction", crop_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
