@@ -59,7 +59,7 @@ BASELINE = "reference"
 # timing budget per measurement: (warmup calls, min repeats, max repeats, seconds of repeats)
 TIMING = {
     "quick": (1, 3, 5, 0.2),
-    "default": (1, 3, 10, 1.0),
+    "default": (1, 5, 10, 1.0),
     "full": (2, 5, 30, 3.0),
 }
 
@@ -83,6 +83,8 @@ class OpSpec:
         modes: which of ``fwd`` / ``fwd+bwd`` apply.
         fused_module / ref_name: where the public op looks up its reference, for :func:`probe_fused`.
         compile_ref: whether to add a ``compiled-ref`` provider.
+        memory_bound: a data-movement op (patches): on CPU its rows get ``copy_fraction``, the
+            achieved bytes/s over the measured copy bandwidth.
     """
 
     name: str
@@ -99,6 +101,7 @@ class OpSpec:
     fused_module: str = ""
     ref_name: str = ""
     compile_ref: bool = True
+    memory_bound: bool = False  # CPU rows then report the fraction of the measured copy bandwidth
 
     def provider_names(self, scale: str, headline: bool = True) -> list[str]:
         names = [BASELINE, "fused"] + [p for p in self.providers if p not in (BASELINE, "fused")]
@@ -372,6 +375,50 @@ def _child_main(payload: str) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
+INTERLEAVED_REPEATS = {"quick": 3, "default": 7, "full": 9}
+
+
+def measure_interleaved(cases: list[Case], device: str, scale: str, seed: int = 0) -> dict:
+    """Time ``cases`` (the providers of one op, size and mode) round-robin in this process.
+
+    Every case is built and warmed up first (compiles included), then each round times one call of
+    every case, starting at a different case each round, so that a slow spell of a shared machine
+    hits all providers alike. Returns ``{case.id: {"times_s", "median_s"} or {"error"}}``."""
+    dev = torch.device(device)
+    repeats = INTERLEAVED_REPEATS[scale]
+    fns, out = {}, {}
+    for case in cases:
+        try:
+            fn, _inputs, _ = build(load_spec(case.module, case.op), case, dev, seed)
+            fn()
+            _sync(dev)
+            fns[case.id] = fn
+        except Exception as exc:  # noqa: BLE001 - report every provider failure, keep going
+            out[case.id] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    ids = list(fns)
+    times: dict[str, list] = {i: [] for i in ids}
+    for rep in range(repeats):
+        for j in range(len(ids)):
+            case_id = ids[(rep + j) % len(ids)]
+            times[case_id].append(time_call(fns[case_id], dev))
+    for case_id in ids:
+        out[case_id] = {"times_s": times[case_id], "median_s": statistics.median(times[case_id])}
+    return out
+
+
+def _measure_interleaved_kw(cases: list, device: str, scale: str) -> dict:
+    return {"results": measure_interleaved([Case(**c) for c in cases], device, scale)}
+
+
+def measure_interleaved_isolated(cases: list[Case], device: str, scale: str, timeout: float = 3600.0) -> dict:
+    """:func:`measure_interleaved` in one fresh child process (its own interpreter, like every CPU row)."""
+    res = run_isolated(
+        "bench._harness:_measure_interleaved_kw",
+        {"cases": [dataclasses.asdict(c) for c in cases], "device": device, "scale": scale}, timeout,
+    )
+    return res["results"] if "results" in res else {c.id: dict(res) for c in cases}
+
+
 def _measure_kw(case: dict, device: str, scale: str) -> dict:
     return measure(Case(**case), device, scale)
 
@@ -479,18 +526,24 @@ def device_info(device: str) -> dict:
 
 
 def roofline(device: str, quick: bool = False) -> dict:
-    """Measured device copy bandwidth (bytes read + written per second) and fp32 matmul rate."""
+    """Measured device copy bandwidth (bytes read + written per second) and fp32 matmul rate.
+
+    On CPU the copy is ``torch.empty_like(x).copy_(x)`` of a 256 MiB tensor (a fresh destination
+    each time, as a kernel writing a new output gets; page faults included), median of 7; the
+    matmul is left out (the CPU rows report fractions of the copy bandwidth only)."""
     dev = torch.device(device)
-    if dev.type != "cuda":
-        return {}
-    n = (64 if quick else 512) * 2**20  # floats
-    src = torch.randn(n, device=dev)
-    dst = torch.empty_like(src)
 
     def best(fn, reps=10):
         fn()
         return statistics.median(time_call(fn, dev) for _ in range(reps))
 
+    if dev.type != "cuda":
+        src = torch.randn((16 if quick else 64) * 2**20)
+        t_copy = best(lambda: torch.empty_like(src).copy_(src), reps=7)
+        return {"copy_bytes_per_s": 2 * src.numel() * 4 / t_copy, "copy_bytes": src.numel() * 4}
+    n = (64 if quick else 512) * 2**20  # floats
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
     t_copy = best(lambda: dst.copy_(src))
     size = 4096 if quick else 8192
     a = torch.randn(size, size, device=dev)
@@ -514,18 +567,21 @@ def derived(spec: OpSpec, case: Case, result: dict, roof: dict) -> dict:
     nbytes, nflops = spec.bytes_moved(case.params, case.mode), spec.flops(case.params, case.mode)
     out = {"model_bytes": nbytes, "model_flops": nflops, "gbytes_per_s": nbytes / t / 1e9,
            "gflops_per_s": nflops / t / 1e9}
-    if roof:
+    if roof and "matmul_flops_per_s" in roof:
         floor = max(nbytes / roof["copy_bytes_per_s"], nflops / roof["matmul_flops_per_s"])
         out["roofline_floor_s"] = floor
         out["roofline_fraction"] = floor / t
         out["bound"] = "memory" if nbytes / roof["copy_bytes_per_s"] >= nflops / roof["matmul_flops_per_s"] else "compute"
+    elif roof and spec.memory_bound:  # CPU: the fraction of the measured copy bandwidth (read + written)
+        out["copy_fraction"] = nbytes / t / roof["copy_bytes_per_s"]
     return out
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Per row: time and memory relative to the reference of the same (op, size, mode) in ``rows``.
 
-    ``speedup`` = reference time / this time (> 1: faster than the reference);
+    ``speedup`` = reference time / this time (> 1: faster than the reference), from the rows' own
+    processes; ``speedup_interleaved`` the same from the round-robin timings in one process;
     ``mem_ratio`` = this peak / reference peak (< 1: less memory).
     """
     refs = {(r["op"], r["size"], r["mode"]): r for r in rows if r["provider"] == BASELINE and not r.get("error")}
@@ -535,6 +591,8 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         if r.get("median_s"):
             r["speedup"] = ref["median_s"] / r["median_s"]
+        if r.get("interleaved_median_s") and ref.get("interleaved_median_s"):
+            r["speedup_interleaved"] = ref["interleaved_median_s"] / r["interleaved_median_s"]
         if ref.get("peak_bytes", 0) > 0 and r.get("peak_bytes") is not None:
             r["mem_ratio"] = r["peak_bytes"] / ref["peak_bytes"]
 

@@ -81,6 +81,7 @@ EXTRACT = H.OpSpec(
     flops=lambda p, m: 3 * _extract_out_numel(p) + (5 * p["B"] * p["H"] * p["W"] if p["C"] == 3 else 0),
     fused_module="pyanomaly.ops.patches",
     ref_name="extract_patches_ref",
+    memory_bound=True,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ FOLD = H.OpSpec(
     # the reference is a Python loop over the nh*nw windows: dynamo unrolls it into that many in-place
     # slice updates and compiling did not finish in 4 minutes even for a 15x15 grid (CPU, 2026-11-23)
     compile_ref=False,
+    memory_bound=True,
 )
 
 SPECS = [EXTRACT, FOLD]

@@ -87,7 +87,33 @@ def run_ops(args, roof: dict) -> tuple[list, dict]:
         rows.append(H.op_row(spec, case, res, roof, kernels))
         status = res.get("error") or f"{H.fmt_time(res.get('median_s'))}, {H.fmt_bytes(res.get('peak_bytes'))}"
         _log(f"  {case.id}: {status}  [{time.perf_counter() - t0:.1f} s]")
+    interleave(args, [case for _, case in todo], rows)
     return rows, kernels
+
+
+def interleave(args, cases: list, rows: list) -> None:
+    """Time the providers of each (op, size, mode) once more, round-robin in one process (a fresh
+    child on CPU), and add ``interleaved_median_s`` / ``interleaved_times_s`` to their rows."""
+    groups: dict = {}
+    for case in cases:
+        groups.setdefault((case.op, case.size, case.mode), []).append(case)
+    by_id = {f"{r['op']}[{r['size']}]-{r['provider']}-{r['mode']}": r for r in rows}
+    isolate = torch.device(args.device).type == "cpu" and not args.no_isolate
+    for (op, size, mode), group in groups.items():
+        if len(group) < 2:
+            continue
+        t0 = time.perf_counter()
+        if isolate:
+            results = H.measure_interleaved_isolated(group, args.device, args.scale)
+        else:
+            results = H.measure_interleaved(group, args.device, args.scale)
+        for case in group:
+            res, row = results.get(case.id, {}), by_id[case.id]
+            if res.get("median_s"):
+                row["interleaved_median_s"], row["interleaved_times_s"] = res["median_s"], res["times_s"]
+            elif res.get("error"):
+                row["interleaved_error"] = res["error"]
+        _log(f"  interleaved {op}[{size}] {mode}: {len(group)} providers  [{time.perf_counter() - t0:.1f} s]")
 
 
 def run_e2e(args) -> list:
@@ -123,6 +149,8 @@ def _note(r: dict) -> str:
         notes.append("fused = reference fallback (no kernel)")
     if "steps_per_s" in r:
         notes.append(f"{r['steps_per_s']:.3g} steps/s")
+    if r.get("copy_fraction") is not None:
+        notes.append(f"{100 * r['copy_fraction']:.0f}% of copy bandwidth")
     if r.get("roofline_fraction") is not None:
         notes.append(f"{100 * r['roofline_fraction']:.0f}% of {r['bound']} roofline")
     if r.get("hwm_reset") is False:
@@ -132,16 +160,20 @@ def _note(r: dict) -> str:
     return "; ".join(notes)
 
 
-COLUMNS = ("op", "size", "provider", "mode", "median", "peak mem", "speedup", "mem vs ref", "notes")
+COLUMNS = ("op", "size", "provider", "mode", "median", "interleaved", "peak mem", "speedup", "speedup (il.)",
+           "mem vs ref", "notes")
 
 
 def table_rows(rows: list) -> list:
     out = []
     for r in rows:
+        failed = r.get("error") or r.get("skipped")
         out.append((r["op"], r["size"], r["provider"], r["mode"],
-                    "-" if r.get("error") or r.get("skipped") else H.fmt_time(r.get("median_s")),
-                    "-" if r.get("error") or r.get("skipped") else H.fmt_bytes(r.get("peak_bytes")),
-                    H.fmt_ratio(r.get("speedup")), H.fmt_ratio(r.get("mem_ratio")), _note(r)))
+                    "-" if failed else H.fmt_time(r.get("median_s")),
+                    H.fmt_time(r["interleaved_median_s"]) if r.get("interleaved_median_s") else "-",
+                    "-" if failed else H.fmt_bytes(r.get("peak_bytes")),
+                    H.fmt_ratio(r.get("speedup")), H.fmt_ratio(r.get("speedup_interleaved")),
+                    H.fmt_ratio(r.get("mem_ratio")), _note(r)))
     return out
 
 
@@ -163,12 +195,18 @@ def markdown(meta: dict, rows: list) -> str:
     head += (f" on torch {meta['torch']}{threads}, "
              f"kernels loaded: {meta['kernels_loaded']} ({kern}); took {meta['wall_s']:.0f} s; "
              f"load average {meta.get('loadavg_start')} -> {meta.get('loadavg_end')}.\n")
-    if meta.get("roofline"):
+    if meta.get("roofline", {}).get("matmul_flops_per_s"):
         rf = meta["roofline"]
         head += (f"Roofline: copy {rf['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
                  f"fp32 matmul {rf['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (measured this run).\n")
-    head += ("speedup = reference time / this time; mem vs ref = this peak / reference peak "
-             "(same op, size and mode, same run).\n\n")
+    elif meta.get("roofline"):
+        rf = meta["roofline"]
+        head += (f"Copy bandwidth: {rf['copy_bytes_per_s'] / 1e9:.1f} GB/s read + written "
+                 f"(`torch.empty_like(x).copy_(x)`, {rf['copy_bytes'] / 2**20:.0f} MiB, measured this run).\n")
+    head += ("median: each row in its own process (CPU); interleaved: the providers of one op, size and mode "
+             "timed round-robin in one process (median of every round). speedup = reference time / this "
+             "time (il.: interleaved); mem vs ref = this peak / reference peak (same op, size and mode, "
+             "same run).\n\n")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in table_rows(rows)]
     return head + "\n".join(lines) + "\n"

@@ -168,6 +168,32 @@ def test_gradient_error_sweep_over_beta_and_steps(d, m, beta_name):
             assert fused <= SWEEP_FACTOR * plain + SWEEP_FLOOR * scale, (name, max_iter, fused, plain, scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta_name", ["1/sqrt(D)", "1", "8"])
+def test_half_precision_on_cpu_no_worse_than_twice_pytorch(dtype, beta_name):
+    """bf16 / fp16 inputs on CPU run in fp32 (state, logits, softmax statistics): each output's error
+    against a float64 truth is at most ~2x that of the plain loop run wholly in that dtype."""
+    d, m = 64, 256
+    beta = d**-0.5 if beta_name == "1/sqrt(D)" else float(beta_name)
+    for max_iter in (1, 3):
+        queries, memory, weight = saturating_inputs(96, m, d, seed=7 * max_iter + m)
+        queries, memory = queries.to(dtype).double(), memory.to(dtype).double()  # every path sees these numbers
+        kwargs = dict(beta=beta, max_iter=max_iter, tol=0.0)
+        truth = run(hopfield_retrieve_ref, queries, memory, weight, **kwargs)
+        fused = run(hopfield_retrieve, queries.to(dtype), memory.to(dtype), weight, **kwargs)
+        plain = [None, None] + plain_loop(queries, memory, weight, dtype, beta, max_iter)
+        with torch.no_grad():
+            state = queries.to(dtype)
+            for _ in range(max_iter):
+                state = torch.softmax(beta * state @ memory.to(dtype).T, dim=-1) @ memory.to(dtype)
+        plain[0] = state
+        for k, name in ((0, "retrieved"), (2, "queries"), (3, "memory")):
+            assert fused[k].dtype == dtype
+            scale = max(float(truth[k].abs().max()), 1e-30)
+            fused_err, plain_err = max_err(fused[k], truth[k]), max_err(plain[k], truth[k])
+            assert fused_err <= 2 * plain_err + SWEEP_FLOOR * scale, (name, max_iter, fused_err, plain_err)
+
+
 @pytest.mark.parametrize("grad", ["unrolled", "last"])
 def test_empty_queries(grad):
     memory = torch.randn(7, 5, requires_grad=True)
@@ -225,16 +251,18 @@ def test_gradcheck_float64(grad, max_iter, tol):
 
 
 @pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("save", ["unrolled", "last", "none"])
-def test_opcheck(save):
-    queries, memory = make_inputs(70, 30, 9, seed=11, dtype=torch.float32)
+def test_opcheck(save, dtype):
+    queries, memory = make_inputs(70, 30, 9, seed=11, dtype=dtype)
     needs_grad = save != "none"
     args = (queries.requires_grad_(needs_grad), memory.requires_grad_(needs_grad), 0.5, 3, 1e-3, save)
     torch.library.opcheck(torch.ops.pyanomaly.hopfield_retrieve.default, args)
     if save == "none":
         return
     _, iterations, states, lse = torch.ops.pyanomaly.hopfield_retrieve(*args)
-    backward_args = (torch.randn(70, 9), memory.detach(), states, lse, iterations, 0.5, save == "unrolled", True, True)
+    grad = torch.randn(70, 9).to(dtype)
+    backward_args = (grad, memory.detach(), states, lse, iterations, 0.5, save == "unrolled", True, True)
     torch.library.opcheck(torch.ops.pyanomaly.hopfield_retrieve_backward.default, backward_args)
 
 
@@ -282,7 +310,8 @@ def bad(**overrides):
         (dict(memory=torch.full((5, 3), float("nan"))), ValueError, "memory contains NaN"),
         (dict(memory=torch.randn(5, 3, dtype=torch.float64)), TypeError, "memory must have the dtype of queries"),
         (dict(queries=torch.ones(4, 3, dtype=torch.int64)), TypeError, "queries must be floating point"),
-        (dict(queries=torch.randn(4, 3).half(), memory=torch.randn(5, 3).half()), TypeError, "queries must be one of"),
+        (dict(queries=torch.randn(4, 3).to(torch.float8_e4m3fn), memory=torch.randn(5, 3).to(torch.float8_e4m3fn)),
+             TypeError, "queries must be one of"),
     ],
 )
 def test_bad_input_names_the_argument(overrides, error, match):
@@ -304,7 +333,8 @@ def test_reference_validates_too():
         ((torch.randn(4, 3), torch.randn(5, 3), 1.0, 0, 1e-4, "none"), "max_iter must be >= 1"),
         ((torch.randn(4, 3), torch.randn(5, 3), 1.0, 2, -1.0, "none"), "tol must be"),
         ((torch.randn(4, 3), torch.randn(5, 3), 1.0, 2, 1e-4, "all"), "save must be"),
-        ((torch.randn(4, 3).half(), torch.randn(5, 3).half(), 1.0, 2, 1e-4, "none"), "queries must be float32"),
+        ((torch.ones(4, 3, dtype=torch.int32), torch.ones(5, 3, dtype=torch.int32), 1.0, 2, 1e-4, "none"),
+             "queries must be float16, bfloat16, float32 or float64"),
     ],
 )
 def test_compiled_op_checks_its_arguments(args, match):

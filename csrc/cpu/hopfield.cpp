@@ -40,13 +40,20 @@ SaveMode parse_save(c10::string_view save) {
   TORCH_CHECK(false, "save must be 'none', 'last' or 'unrolled', got '", std::string(save), "'");
 }
 
+at::ScalarType compute_type(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_floating(const Tensor& tensor, const char* name) {
+  const auto type = tensor.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, name,
+              " must be float16, bfloat16, float32 or float64 on CPU, got ", type);
+}
+
 void check_retrieve_args(const Tensor& queries, const Tensor& memory, double beta, int64_t max_iter, double tol) {
   PYA_CHECK_DIM(queries, 2);
   PYA_CHECK_DIM(memory, 2);
   PYA_CHECK_CPU(queries);
   PYA_CHECK_CPU(memory);
-  TORCH_CHECK(queries.scalar_type() == at::kFloat || queries.scalar_type() == at::kDouble,
-              "queries must be float32 or float64 on CPU, got ", queries.scalar_type());
+  check_floating(queries, "queries");
   check_hopfield_retrieve_args(queries, memory, beta, max_iter, tol);
 }
 
@@ -54,32 +61,24 @@ Tensor rows_where(const std::vector<int64_t>& rows) {
   return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
 }
 
-// The logits (Na, M) of one update of the rows `x` (Na, D), as the plain loop forms them. The
-// forward and the backward's recompute both call this, so they see the very same numbers.
-Tensor step_logits(const Tensor& x, const Tensor& memory, double beta) { return at::mm(x * beta, memory.t()); }
-
-// One update of the rows `x` (Na, D), the plain loop's arithmetic on a (Na, M) scratch:
-// returns (new state softmax(beta x X^T) X (Na, D), logsumexp of the logits (Na,)).
-std::tuple<Tensor, Tensor> update_rows(const Tensor& x, const Tensor& memory, double beta) {
-  const Tensor logits = step_logits(x, memory, beta);
-  return {at::mm(at::_softmax(logits, 1, false), memory), at::logsumexp(logits, {1})};
-}
-
+// Half and bfloat16 inputs run in float32: the state, the logits and the softmax statistics stay in
+// float32 (as on CUDA) and only the results are rounded to the input dtype.
 std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& queries_in, const Tensor& memory_in,
                                                                  double beta, int64_t max_iter, double tol,
                                                                  c10::string_view save_name) {
   check_retrieve_args(queries_in, memory_in, beta, max_iter, tol);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the ATen ops below are the kernel, not a graph
   const SaveMode save = parse_save(save_name);
+  const auto compute = compute_type(queries_in.scalar_type());
   const Tensor queries = queries_in.contiguous();
-  const Tensor memory = memory_in.contiguous();
+  const Tensor memory = memory_in.to(compute).contiguous();
   const int64_t num_queries = queries.size(0), dim = queries.size(1);
   const int64_t saved_steps = save == SaveMode::kUnrolled ? max_iter : (save == SaveMode::kLast ? 1 : 0);
 
   Tensor retrieved = at::empty_like(queries);
   Tensor iterations = at::zeros({num_queries}, queries.options().dtype(at::kInt));
-  Tensor states = at::empty({saved_steps == 0 ? 0 : saved_steps + 1, num_queries, dim}, queries.options());
-  Tensor lse = at::empty({saved_steps, num_queries}, queries.options());
+  Tensor states = at::empty({saved_steps == 0 ? 0 : saved_steps + 1, num_queries, dim}, memory.options());
+  Tensor lse = at::empty({saved_steps, num_queries}, memory.options());
   if (save == SaveMode::kUnrolled) lse.fill_(std::numeric_limits<double>::infinity());
   int32_t* iterations_ptr = iterations.data_ptr<int32_t>();
 
@@ -87,11 +86,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
   const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch guards are thread-local
+    // This thread's scratch, reused by all its blocks (the ops below write into it: no allocation
+    // per step): the scaled state, the (rows, M) logits and probabilities, the next state.
+    const auto options = memory.options();
+    Tensor scaled = at::empty({block_rows, dim}, options), next = at::empty({block_rows, dim}, options);
+    Tensor logits = at::empty({block_rows, memory.size(0)}, options), prob = at::empty_like(logits);
+    Tensor state = at::empty({block_rows, dim}, options);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t n0 = block * block_rows, rows = std::min(block_rows, num_queries - n0);
-      Tensor state = queries.narrow(0, n0, rows).clone();
+      Tensor state_rows = state.narrow(0, 0, rows);
+      state_rows.copy_(queries.narrow(0, n0, rows));
       Tensor previous = save == SaveMode::kLast ? states[0].narrow(0, n0, rows) : Tensor();
-      if (save == SaveMode::kUnrolled) states[0].narrow(0, n0, rows).copy_(state);
+      if (save == SaveMode::kUnrolled) states[0].narrow(0, n0, rows).copy_(state_rows);
       std::vector<bool> active(rows, true);
       for (int64_t step = 0; step < max_iter; ++step) {
         std::vector<int64_t> active_rows;
@@ -99,34 +105,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
           if (active[r]) active_rows.push_back(r);
         if (active_rows.empty()) {
           if (save == SaveMode::kUnrolled)
-            for (int64_t s = step; s < max_iter; ++s) states[s + 1].narrow(0, n0, rows).copy_(state);
+            for (int64_t s = step; s < max_iter; ++s) states[s + 1].narrow(0, n0, rows).copy_(state_rows);
           break;
         }
-        const bool all = static_cast<int64_t>(active_rows.size()) == rows;
+        const int64_t num_active = static_cast<int64_t>(active_rows.size());
+        const bool all = num_active == rows;
         const Tensor index = all ? Tensor() : rows_where(active_rows);
-        const Tensor x = all ? state : state.index_select(0, index);  // aliases state when all: read first
-        auto [updated, step_lse] = update_rows(x, memory, beta);
-        const Tensor moved = (updated - x).norm(2, {1}).to(at::kDouble).contiguous();
-        const double* moved_ptr = moved.data_ptr<double>();
-        if (save == SaveMode::kLast) {
-          all ? previous.copy_(x) : previous.index_copy_(0, index, x);
-          Tensor last_lse = lse[0].narrow(0, n0, rows);
-          all ? last_lse.copy_(step_lse) : last_lse.index_copy_(0, index, step_lse);
+        const Tensor x = all ? state_rows : state_rows.index_select(0, index);
+        // One update, the plain loop's arithmetic on the (rows, M) scratch: softmax(beta x X^T) X.
+        Tensor step_scaled = scaled.narrow(0, 0, num_active), step_logits = logits.narrow(0, 0, num_active);
+        Tensor step_prob = prob.narrow(0, 0, num_active), updated = next.narrow(0, 0, num_active);
+        at::mul_out(step_scaled, x, at::scalar_tensor(beta, options));
+        at::mm_out(step_logits, step_scaled, memory.t());
+        at::_softmax_out(step_prob, step_logits, 1, false);
+        at::mm_out(updated, step_prob, memory);
+        if (save != SaveMode::kNone) {
+          // logsumexp from the softmax's own maximum: max_j s_j - log(max_j p_j) (no second exp pass).
+          const Tensor step_lse = step_logits.amax({1}).sub_(step_prob.amax({1}).log_());
+          Tensor lse_rows = lse[save == SaveMode::kLast ? 0 : step].narrow(0, n0, rows);
+          all ? lse_rows.copy_(step_lse) : lse_rows.index_copy_(0, index, step_lse);
         }
-        all ? state.copy_(updated) : state.index_copy_(0, index, updated);
-        for (size_t i = 0; i < active_rows.size(); ++i) {
-          const int64_t r = active_rows[i];
-          iterations_ptr[n0 + r] += 1;
-          if (tol > 0 && !(moved_ptr[i] > tol)) active[r] = false;  // tol = 0: exactly max_iter updates
+        if (save == SaveMode::kLast) all ? previous.copy_(x) : previous.index_copy_(0, index, x);
+        std::vector<bool> stopped(active_rows.size(), false);
+        if (tol > 0) {  // tol = 0: exactly max_iter updates, nothing to measure
+          const Tensor moved = (updated - x).norm(2, {1}).to(at::kDouble).contiguous();
+          const double* moved_ptr = moved.data_ptr<double>();
+          for (int64_t i = 0; i < num_active; ++i) stopped[i] = !(moved_ptr[i] > tol);
         }
-        if (save == SaveMode::kUnrolled) {
-          states[step + 1].narrow(0, n0, rows).copy_(state);
-          Tensor step_lse_rows = lse[step].narrow(0, n0, rows);
-          all ? step_lse_rows.copy_(step_lse) : step_lse_rows.index_copy_(0, index, step_lse);
+        if (all) {
+          std::swap(state, next);  // the new state is in `next`: no copy
+          state_rows = state.narrow(0, 0, rows);
+        } else {
+          state_rows.index_copy_(0, index, updated);
         }
+        for (int64_t i = 0; i < num_active; ++i) {
+          iterations_ptr[n0 + active_rows[i]] += 1;
+          if (stopped[i]) active[active_rows[i]] = false;
+        }
+        if (save == SaveMode::kUnrolled) states[step + 1].narrow(0, n0, rows).copy_(state_rows);
       }
-      retrieved.narrow(0, n0, rows).copy_(state);
-      if (save == SaveMode::kLast) states[1].narrow(0, n0, rows).copy_(state);
+      retrieved.narrow(0, n0, rows).copy_(state_rows);
+      if (save == SaveMode::kLast) states[1].narrow(0, n0, rows).copy_(state_rows);
     }
   });
   return {retrieved, iterations, states, lse};
@@ -145,8 +164,8 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
   PYA_CHECK_CPU(lse_in);
   PYA_CHECK_CPU(iterations_in);
   const int64_t saved_steps = lse_in.size(0), num_queries = states_in.size(1), dim = memory_in.size(1);
-  TORCH_CHECK(memory_in.scalar_type() == at::kFloat || memory_in.scalar_type() == at::kDouble,
-              "memory must be float32 or float64 on CPU, got ", memory_in.scalar_type());
+  check_floating(memory_in, "memory");
+  const auto compute = compute_type(memory_in.scalar_type());
   TORCH_CHECK(memory_in.size(0) >= 1 && dim >= 1, "memory must not be empty, got shape ", memory_in.sizes());
   TORCH_CHECK(saved_steps >= 1 && (unrolled || saved_steps == 1),
               "lse must have shape (S, N) with S >= 1 saved steps (S = 1 when unrolled is false), got ",
@@ -156,36 +175,45 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
   PYA_CHECK_SHAPE(grad_retrieved, num_queries, dim);
   PYA_CHECK_SHAPE(iterations_in, num_queries);
   PYA_CHECK_DTYPE(iterations_in, at::kInt);
-  PYA_CHECK_DTYPE(states_in, memory_in.scalar_type());
-  PYA_CHECK_DTYPE(lse_in, memory_in.scalar_type());
+  PYA_CHECK_DTYPE(states_in, compute);
+  PYA_CHECK_DTYPE(lse_in, compute);
   TORCH_CHECK(grad_retrieved.is_floating_point(), "grad_retrieved must be floating point, got ", grad_retrieved.scalar_type());
   TORCH_CHECK(std::isfinite(beta) && beta > 0, "beta must be a finite number > 0, got ", beta);
 
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const Tensor memory = memory_in.contiguous();
+  const Tensor memory = memory_in.to(compute).contiguous();
   const Tensor states = states_in.contiguous();
   const Tensor iterations = iterations_in.contiguous();
-  const Tensor grad = grad_retrieved.to(memory.scalar_type()).contiguous();
+  const Tensor grad = grad_retrieved.to(compute).contiguous();
   const int32_t* iterations_ptr = iterations.data_ptr<int32_t>();
   const int64_t num_patterns = memory.size(0);
+  const auto out_options = memory_in.options();
 
-  Tensor grad_queries_out = at::zeros({num_queries, dim}, memory.options());
+  Tensor grad_queries_out = at::zeros({num_queries, dim}, out_options);
   const int64_t block_rows = block_rows_for(num_patterns);
   const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   const int64_t partials = std::max<int64_t>(1, std::min(kGradPartials, num_blocks));
   Tensor grad_memory_partial = at::zeros({grad_memory ? partials : 0, num_patterns, dim}, memory.options());
   if (num_queries == 0 || (!grad_queries && !grad_memory)) {
-    return {grad_queries_out, at::zeros_like(memory)};
+    return {grad_queries_out, at::zeros_like(memory_in)};
   }
 
   // Partial p owns a fixed range of query blocks, so the sum does not depend on the thread count.
   at::parallel_for(0, partials, 1, [&](int64_t part_begin, int64_t part_end) {
     at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch guards are thread-local
+    // This thread's scratch, reused by all its blocks: [beta x; g] (2 rows, D), their products with
+    // X^T (2 rows, M), P and dS (rows, M), the state gradient (rows, D).
+    const auto options = memory.options();
+    Tensor stacked = at::empty({2 * block_rows, dim}, options), grad_x = at::empty({block_rows, dim}, options);
+    Tensor products = at::empty({2 * block_rows, num_patterns}, options);
+    Tensor prob = at::empty({block_rows, num_patterns}, options), dscore = at::empty_like(prob);
+    Tensor g = at::empty({block_rows, dim}, options);
     for (int64_t part = part_begin; part < part_end; ++part) {
       Tensor grad_memory_acc = grad_memory ? grad_memory_partial[part] : Tensor();
       for (int64_t block = part * num_blocks / partials; block < (part + 1) * num_blocks / partials; ++block) {
         const int64_t n0 = block * block_rows, rows = std::min(block_rows, num_queries - n0);
-        Tensor g = grad.narrow(0, n0, rows).clone();
+        Tensor g_block = g.narrow(0, 0, rows);
+        g_block.copy_(grad.narrow(0, n0, rows));
         for (int64_t step = saved_steps - 1; step >= 0; --step) {
           const bool need_grad_state = grad_queries || step > 0;
           if (!need_grad_state && !grad_memory) break;
@@ -193,29 +221,39 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
           for (int64_t r = 0; r < rows; ++r)
             if (!unrolled || step < iterations_ptr[n0 + r]) active_rows.push_back(r);
           if (active_rows.empty()) continue;  // frozen rows pass their gradient straight through
-          const bool all = static_cast<int64_t>(active_rows.size()) == rows;
+          const int64_t a = static_cast<int64_t>(active_rows.size());
+          const bool all = a == rows;
           const Tensor index = all ? Tensor() : rows_where(active_rows);
           auto pick = [&](const Tensor& t) { return all ? t : t.index_select(0, index); };
           const Tensor x = pick(states[step].narrow(0, n0, rows));
-          const Tensor g_rows = pick(g);
-          // The plain loop's softmax and softmax backward on the block, recomputed from the saved
-          // state: P normalised from these very logits, dS = P * (dP - sum(P * dP)).
-          const Tensor prob = at::_softmax(step_logits(x, memory, beta), 1, false);
-          const Tensor dscore = at::_softmax_backward_data(at::mm(g_rows, memory.t()), prob, 1, prob.scalar_type());
+          const Tensor g_rows = pick(g_block);
+          // The step's logits beta x X^T (the forward's arithmetic) and dP = g X^T in one GEMM, then
+          // the plain loop's softmax and softmax backward, recomputed from the saved state:
+          // P normalised from these very logits, dS = P * (dP - sum(P * dP)).
+          Tensor both = stacked.narrow(0, 0, 2 * a), both_products = products.narrow(0, 0, 2 * a);
+          Tensor scaled_x = both.narrow(0, 0, a);
+          at::mul_out(scaled_x, x, at::scalar_tensor(beta, options));
+          both.narrow(0, a, a).copy_(g_rows);
+          at::mm_out(both_products, both, memory.t());
+          Tensor step_prob = prob.narrow(0, 0, a), step_dscore = dscore.narrow(0, 0, a);
+          at::_softmax_out(step_prob, both_products.narrow(0, 0, a), 1, false);
+          at::_softmax_backward_data_out(step_dscore, both_products.narrow(0, a, a), step_prob, 1,
+                                         step_prob.scalar_type());
           if (grad_memory) {
-            grad_memory_acc.addmm_(prob.t(), g_rows);
-            grad_memory_acc.addmm_(dscore.t(), x, 1.0, beta);
+            grad_memory_acc.addmm_(step_prob.t(), g_rows);
+            grad_memory_acc.addmm_(step_dscore.t(), x, 1.0, beta);
           }
           if (need_grad_state) {
-            const Tensor grad_x = at::mm(dscore, memory).mul_(beta);
-            all ? g.copy_(grad_x) : g.index_copy_(0, index, grad_x);
+            Tensor step_grad_x = grad_x.narrow(0, 0, a);
+            at::mm_out(step_grad_x, step_dscore, memory).mul_(beta);
+            all ? g_block.copy_(step_grad_x) : g_block.index_copy_(0, index, step_grad_x);
           }
         }
-        if (grad_queries) grad_queries_out.narrow(0, n0, rows).copy_(g);
+        if (grad_queries) grad_queries_out.narrow(0, n0, rows).copy_(g_block);
       }
     }
   });
-  Tensor grad_memory_out = grad_memory ? grad_memory_partial.sum(0) : at::zeros_like(memory);
+  Tensor grad_memory_out = grad_memory ? grad_memory_partial.sum(0).to(memory_in.scalar_type()) : at::zeros_like(memory_in);
   return {grad_queries_out, grad_memory_out};
 }
 

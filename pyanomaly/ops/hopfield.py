@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_MAX_ITER", "hopfield_retrieve", "hopfield_retrieve_ref"]
 DEFAULT_MAX_ITER = 1
 _GRAD_MODES = ("unrolled", "last")
 _KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
 }
 
@@ -137,8 +137,9 @@ def hopfield_retrieve(
         retrieved (N, D) in the dtype of queries, and iterations (N,) int32: the updates each query
         took (a tensor, so there is no host sync).
 
-    Supported dtypes: float32 and float64 on CPU; float16, bfloat16 and float32 on CUDA (the state and
-    the softmax statistics stay in fp32). Inputs with NaN or infinite values raise a ValueError, and
+    Supported dtypes: float16, bfloat16, float32 and float64 on CPU; float16, bfloat16 and float32 on
+    CUDA (for half inputs the state, the logits and the softmax statistics stay in fp32; only the
+    results are rounded to the input dtype). Inputs with NaN or infinite values raise a ValueError, and
     finite inputs that overflow (|x| ~ 1e30) a FloatingPointError, not NaN (both checks are skipped
     while torch.compile traces).
 

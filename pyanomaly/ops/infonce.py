@@ -29,7 +29,7 @@ import math
 import torch
 
 from pyanomaly import _ext
-from pyanomaly.ops._utils import check_no_overflow, require_finite, tracing
+from pyanomaly.ops._utils import checkable, check_no_overflow, require_finite, tracing
 
 __all__ = ["infonce", "infonce_ref", "sample_negatives"]
 
@@ -126,9 +126,11 @@ def infonce(
         deterministic: reduce the bank's gradient in a fixed order (default). False allows float
             atomics on CUDA (faster, run-to-run differences in the last bits); the CPU is always
             deterministic.
-        check_finite: raise a ValueError naming the argument when queries, positives or bank hold
-            NaN/inf, and a FloatingPointError when finite inputs overflow (one pass over the inputs
-            and the (N,) result; the detectors keep it on). Skipped while torch.compile traces.
+        check_finite: raise a ValueError naming the argument when a value the loss reads (queries,
+            positives, or a bank row that ``neg_idx`` names) is NaN/inf, and a FloatingPointError
+            when finite inputs overflow. With the kernels this costs a look at the (N,) result
+            only (a non-finite logit makes its row's loss NaN; the inputs are scanned only then);
+            the reference fallback scans the inputs first. Skipped while torch.compile traces.
 
     Returns:
         (N,) loss_i = logsumexp_j(s_ij) - s_i0 in the inputs' dtype (computed in float32 for half
@@ -139,9 +141,10 @@ def infonce(
         IndexError: a value of ``neg_idx`` outside [0, M).
     """
     _check_infonce_args(queries, positives, bank, neg_idx, temperature)
-    if check_finite:
-        require_finite(queries=queries, positives=positives, bank=bank)
+    inputs = {"queries": queries, "positives": positives, "bank": bank}
     if not _ext.has_kernels(queries.device):
+        if check_finite:
+            require_finite(**inputs)
         if not tracing():
             _check_index_range("neg_idx", neg_idx, bank.shape[0], "rows of bank")
         loss = infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
@@ -149,8 +152,10 @@ def infonce(
         loss, _ = torch.ops.pyanomaly.infonce(
             queries, positives, bank, neg_idx, float(temperature), bool(deterministic)
         )
+        if check_finite and checkable(loss) and not bool(torch.isfinite(loss).all()):
+            require_finite(**inputs)  # names the argument; else the finite inputs overflowed
     if check_finite:
-        check_no_overflow("infonce", loss, queries=queries, positives=positives, bank=bank)
+        check_no_overflow("infonce", loss, **inputs)
     return loss
 
 
