@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pyanomaly import _ext
 from pyanomaly.ops import extract_patches, hopfield_retrieve, infonce
 from pyanomaly.ops.infonce import sample_negatives
 
@@ -19,10 +20,30 @@ def _infonce_args(scale: float = 1.0):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_infonce_names_the_non_finite_argument(which, bad):
     q, p, b, idx = _infonce_args()
+    idx[0, 0] = 3  # bank row 3 is read
     args = {"queries": q, "positives": p, "bank": b}
     args[which][3, 1] = bad
     with pytest.raises(ValueError, match=f"{which} contains NaN or infinite values"):
         infonce(args["queries"], args["positives"], args["bank"], idx)
+
+
+def test_infonce_minus_infinity_hidden_by_the_logsumexp_still_raises():
+    """A -inf negative logit adds exp(-inf) = 0: the loss alone would look finite (and the gradient be NaN)."""
+    q, p, b, idx = _infonce_args()
+    q[0] = 1.0
+    b[idx[0, 0]] = float("-inf")
+    with pytest.raises(ValueError, match="bank contains NaN or infinite values"):
+        infonce(q, p, b, idx)
+
+
+@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="the reference fallback scans every input first")
+def test_infonce_ignores_bank_rows_it_never_reads():
+    """The check covers what the loss reads: a NaN in a bank row no query draws changes nothing."""
+    q, p, b, idx = _infonce_args()
+    idx[idx == 5] = 6
+    clean = infonce(q, p, b, idx)
+    b[5] = float("nan")
+    torch.testing.assert_close(infonce(q, p, b, idx), clean)
 
 
 def test_infonce_overflow_is_an_error_not_nan():

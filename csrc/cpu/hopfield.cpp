@@ -1,8 +1,9 @@
 // CPU kernels of the Hopfield retrieval: blocks of queries run in parallel, each with the plain loop's
-// arithmetic (BLAS matmuls and softmax on a (block, M) scratch per thread), so no (N, M) matrix is ever
-// held. The backward recomputes each step's softmax from the saved state the same way and applies the
-// plain softmax backward: a saturated step then gives the plain loop's exact zero state gradient, not
-// rounding noise that the soft steps before it would amplify (issue 12).
+// arithmetic (BLAS matmuls and softmax on a (block, M) scratch per thread, allocated once per thread),
+// so no (N, M) matrix is ever held. The backward recomputes each step's softmax from the saved state
+// the same way (its logits and dP = g X^T in one GEMM) and applies the plain softmax backward: a
+// saturated step then gives the plain loop's exact zero state gradient, not rounding noise that the
+// soft steps before it would amplify (issue 12). Half and bfloat16 inputs run in float32 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

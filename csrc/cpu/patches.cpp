@@ -236,41 +236,57 @@ at::Tensor extract_patches_backward_cpu(const at::Tensor& grad, at::IntArrayRef 
   return grad_images;
 }
 
+// Output rows [begin, end) of the flat (b, c, y) order. Per row: the covering patch rows' values summed
+// per patch column, then per pixel the sum over its covering columns, j = j_first[x] .. + taps[x] - 1, in
+// increasing j (the same order as a plain loop), as a fixed max_taps loop the compiler vectorises.
+template <typename scalar_t, typename acc_t>
+PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, std::array<int64_t, 4> strides,
+                              const int64_t* j_first, const int64_t* taps, int64_t max_taps, bool mean,
+                              scalar_t* out0, int64_t begin, int64_t end) {
+  const auto [vb, vi, vj, vc] = strides;
+  std::vector<acc_t> column_sum(f.nw + max_taps, acc_t(0));  // padded: masked taps read in bounds
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t y = row % f.height;
+    const int64_t c = (row / f.height) % f.channels;
+    const int64_t b = row / (f.height * f.channels);
+    const int64_t i_first = first_covering(y, f.size_h, f.stride_h);
+    const int64_t i_last = std::min(f.nh - 1, y / f.stride_h);
+    const scalar_t* src = values0 + b * vb + c * vc;
+    for (int64_t j = 0; j < f.nw; ++j) {
+      acc_t sum = 0;
+      for (int64_t i = i_first; i <= i_last; ++i) sum += load<acc_t>(src[i * vi + j * vj]);
+      column_sum[j] = sum;
+    }
+    const int64_t rows_covering = std::max<int64_t>(0, i_last - i_first + 1);
+    const acc_t* cs = column_sum.data();
+    scalar_t* __restrict dst = out0 + row * f.width;
+#pragma omp simd
+    for (int64_t x = 0; x < f.width; ++x) {
+      acc_t sum = 0;
+      for (int64_t t = 0; t < max_taps; ++t) sum += t < taps[x] ? cs[j_first[x] + t] : acc_t(0);
+      const int64_t count = rows_covering * taps[x];
+      const acc_t value = mean ? sum / static_cast<acc_t>(count) : sum;
+      dst[x] = static_cast<scalar_t>(count == 0 ? acc_t(0) : value);
+    }
+  }
+}
+
 template <typename scalar_t>
 void fold_forward_kernel(const FoldGeometry& f, const at::Tensor& values, bool mean, at::Tensor& out) {
   using acc_t = acc_for<scalar_t>;
-  std::vector<int64_t> j_first(f.width), j_last(f.width);  // covering patch columns of each x
+  std::vector<int64_t> j_first(f.width), taps(f.width);  // the patch columns covering each x
+  int64_t max_taps = 0;
   for (int64_t x = 0; x < f.width; ++x) {
-    j_first[x] = first_covering(x, f.size_w, f.stride_w);
-    j_last[x] = std::min(f.nw - 1, x / f.stride_w);
+    j_first[x] = std::min(first_covering(x, f.size_w, f.stride_w), f.nw);
+    taps[x] = std::max<int64_t>(0, std::min(f.nw - 1, x / f.stride_w) - j_first[x] + 1);
+    max_taps = std::max(max_taps, taps[x]);
   }
+  const std::array<int64_t, 4> strides = {values.stride(0), values.stride(1), values.stride(2), values.stride(3)};
   const scalar_t* values0 = values.const_data_ptr<scalar_t>();
-  const int64_t vb = values.stride(0), vi = values.stride(1), vj = values.stride(2), vc = values.stride(3);
   scalar_t* out0 = out.mutable_data_ptr<scalar_t>();
   const int64_t rows = f.batch * f.channels * f.height;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / (4 * f.width)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> column_sum(f.nw);
-    for (int64_t row = begin; row < end; ++row) {  // row = (b, c, y)
-      const int64_t y = row % f.height;
-      const int64_t c = (row / f.height) % f.channels;
-      const int64_t b = row / (f.height * f.channels);
-      const int64_t i_first = first_covering(y, f.size_h, f.stride_h);
-      const int64_t i_last = std::min(f.nh - 1, y / f.stride_h);
-      const scalar_t* src = values0 + b * vb + c * vc;
-      for (int64_t j = 0; j < f.nw; ++j) {  // the covering rows' values, summed per patch column
-        acc_t sum = 0;
-        for (int64_t i = i_first; i <= i_last; ++i) sum += load<acc_t>(src[i * vi + j * vj]);
-        column_sum[j] = sum;
-      }
-      const int64_t rows_covering = std::max<int64_t>(0, i_last - i_first + 1);
-      scalar_t* dst = out0 + row * f.width;
-      for (int64_t x = 0; x < f.width; ++x) {
-        const int64_t count = rows_covering * std::max<int64_t>(0, j_last[x] - j_first[x] + 1);
-        acc_t sum = 0;
-        for (int64_t j = j_first[x]; j <= j_last[x]; ++j) sum += column_sum[j];
-        dst[x] = static_cast<scalar_t>(count == 0 ? acc_t(0) : (mean ? sum / static_cast<acc_t>(count) : sum));
-      }
-    }
+    fold_rows<scalar_t, acc_t>(f, values0, strides, j_first.data(), taps.data(), max_taps, mean, out0, begin, end);
   });
 }
 
