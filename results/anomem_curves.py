@@ -6,6 +6,8 @@ normal, the nine others anomalous). One fit per (class, budget); at the listed e
 
 - ``memory``: AnoMem's one-class score (Eq. 13);
 - ``knn_s3`` / ``knn_s4``: 1-NN cosine distance on the same encoder's pooled, LayerNorm-ed features;
+- ``csi_s*`` / ``norm_s*``: CSI's score (1-NN cosine similarity x feature norm, negated) and the
+  negated norm alone, on the raw pooled features;
 
 and, once per class, the no-learning floor ``pixel_knn``: 5-NN cosine distance on raw pixels, each
 image centred on its own mean. One JSON line per evaluation, appended to ``--out`` as it is measured, with wall times.
@@ -67,6 +69,12 @@ def feature_knn(detector: AnoMem, train: torch.Tensor, test: torch.Tensor) -> di
     out = {}
     for stage, memory, tr, te in zip(model.scales, model.memories, pooled(train), pooled(test)):
         out[f"knn_s{stage}"] = knn_distance(memory.states(te), memory.states(tr))
+        # CSI's (Tack et al., 2020) SimCLR score on the raw pooled features: the nearest training
+        # image's cosine similarity times the feature norm (negated: higher = more anomalous); and
+        # the norm alone. Contrastive features of unfamiliar images tend to have smaller norms.
+        norm = te.norm(dim=1).numpy()
+        out[f"csi_s{stage}"] = -(1 - knn_distance(te, tr)) * norm
+        out[f"norm_s{stage}"] = -norm
     return out
 
 
