@@ -128,9 +128,10 @@ def infonce(
             deterministic.
         check_finite: raise a ValueError naming the argument when a value the loss reads (queries,
             positives, or a bank row that ``neg_idx`` names) is NaN/inf, and a FloatingPointError
-            when finite inputs overflow. With the kernels this costs a look at the (N,) result
+            when finite inputs overflow. With the CPU kernel this costs a look at the (N,) result
             only (a non-finite logit makes its row's loss NaN; the inputs are scanned only then);
-            the reference fallback scans the inputs first. Skipped while torch.compile traces.
+            CUDA and the reference fallback scan the inputs first (one sum each). Skipped while
+            torch.compile traces.
 
     Returns:
         (N,) loss_i = logsumexp_j(s_ij) - s_i0 in the inputs' dtype (computed in float32 for half
@@ -149,6 +150,8 @@ def infonce(
             _check_index_range("neg_idx", neg_idx, bank.shape[0], "rows of bank")
         loss = infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
     else:
+        if check_finite and queries.device.type != "cpu":  # only the CPU kernel NaN-marks bad rows
+            require_finite(**inputs)
         loss, _ = torch.ops.pyanomaly.infonce(
             queries, positives, bank, neg_idx, float(temperature), bool(deterministic)
         )
