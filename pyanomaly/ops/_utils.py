@@ -40,9 +40,11 @@ def require_finite(**tensors: torch.Tensor) -> None:
 
 
 def check_no_overflow(op: str, result: torch.Tensor, **inputs: torch.Tensor) -> None:
-    """Finite inputs and a non-finite ``result``: the arithmetic overflowed; say so, naming the
+    """A non-finite ``result``: a ValueError naming the first non-finite input if there is one
+    (:func:`require_finite`), else the arithmetic overflowed: a FloatingPointError naming the
     largest input, instead of returning NaN."""
     if checkable(result) and not bool(torch.isfinite(result).all()):
+        require_finite(**inputs)
         largest = {name: float(t.detach().abs().max()) for name, t in inputs.items() if t is not None and t.numel()}
         detail = ", ".join(f"max |{name}| = {value:.3g}" for name, value in largest.items())
         raise FloatingPointError(

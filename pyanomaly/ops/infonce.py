@@ -29,7 +29,7 @@ import math
 import torch
 
 from pyanomaly import _ext
-from pyanomaly.ops._utils import checkable, check_no_overflow, require_finite, tracing
+from pyanomaly.ops._utils import check_no_overflow, require_finite, tracing
 
 __all__ = ["infonce", "infonce_ref", "sample_negatives"]
 
@@ -143,21 +143,18 @@ def infonce(
     """
     _check_infonce_args(queries, positives, bank, neg_idx, temperature)
     inputs = {"queries": queries, "positives": positives, "bank": bank}
+    cpu_kernel = _ext.has_kernels(queries.device) and queries.device.type == "cpu"
+    if check_finite and not cpu_kernel:  # only the CPU kernel NaN-marks rows with a bad logit
+        require_finite(**inputs)
     if not _ext.has_kernels(queries.device):
-        if check_finite:
-            require_finite(**inputs)
         if not tracing():
             _check_index_range("neg_idx", neg_idx, bank.shape[0], "rows of bank")
         loss = infonce_ref(queries, positives, bank, neg_idx, temperature=temperature)
     else:
-        if check_finite and queries.device.type != "cpu":  # only the CPU kernel NaN-marks bad rows
-            require_finite(**inputs)
         loss, _ = torch.ops.pyanomaly.infonce(
             queries, positives, bank, neg_idx, float(temperature), bool(deterministic)
         )
-        if check_finite and checkable(loss) and not bool(torch.isfinite(loss).all()):
-            require_finite(**inputs)  # names the argument; else the finite inputs overflowed
-    if check_finite:
+    if check_finite:  # a non-finite loss: names a non-finite input, else reports the overflow
         check_no_overflow("infonce", loss, **inputs)
     return loss
 
