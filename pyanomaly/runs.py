@@ -94,14 +94,7 @@ def claim_run_folder(out: str | os.PathLike, *, overwrite: bool = False, resume:
     folder = Path(text)
     if folder.resolve() == Path.cwd().resolve():
         raise RunError(f"--out {text!r} is the current folder; name a run folder of its own, e.g. --out runs/tile")
-    if folder.exists() and not folder.is_dir():
-        raise RunError(f"--out {text!r} is a file, not a run folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"cannot create run folder {text!r}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise RunError(f"run folder {text!r} is not writable")
+    _make_writable_folder(folder, text, file_label="--out", label="run folder", kind="run folder")
     lock = _locked(folder)
     lock.__enter__()
     try:
@@ -395,18 +388,24 @@ def _output_names(paths: Sequence[Path], roots: Sequence[Path | None]) -> list[s
             for name, p in zip(names, paths)]
 
 
+def _make_writable_folder(folder: Path, shown, *, file_label: str, label: str, kind: str) -> None:
+    """Create ``folder`` (and its parents) and check that files can be written in it; a RunError
+    naming it as ``shown`` otherwise (``file_label``/``label`` prefix the messages)."""
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{file_label} {shown!r} is a file, not a {kind}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create {label} {shown!r}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RunError(f"{label} {shown!r} is not writable")
+
+
 def _output_dir(value: str | os.PathLike | None, option: str) -> Path | None:
     if value is None:
         return None
     folder = Path(value)
-    if folder.exists() and not folder.is_dir():
-        raise RunError(f"{option} {value!r} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"cannot create {option} {value!r}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK):
-        raise RunError(f"{option} {value!r} is not writable")
+    _make_writable_folder(folder, value, file_label=option, label=option, kind="folder")
     return folder
 
 
