@@ -62,8 +62,7 @@ Tensor rows_where(const std::vector<int64_t>& rows) {
   return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
 }
 
-// Half and bfloat16 inputs run in float32: the state, the logits and the softmax statistics stay in
-// float32 (as on CUDA) and only the results are rounded to the input dtype.
+// Half and bfloat16 inputs: only the results are rounded to the input dtype (as on CUDA).
 std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& queries_in, const Tensor& memory_in,
                                                                  double beta, int64_t max_iter, double tol,
                                                                  c10::string_view save_name) {
@@ -93,6 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
     Tensor scaled = at::empty({block_rows, dim}, options), next = at::empty({block_rows, dim}, options);
     Tensor logits = at::empty({block_rows, memory.size(0)}, options), prob = at::empty_like(logits);
     Tensor state = at::empty({block_rows, dim}, options);
+    const Tensor beta_tensor = at::scalar_tensor(beta, options);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t n0 = block * block_rows, rows = std::min(block_rows, num_queries - n0);
       Tensor state_rows = state.narrow(0, 0, rows);
@@ -116,7 +116,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
         // One update, the plain loop's arithmetic on the (rows, M) scratch: softmax(beta x X^T) X.
         Tensor step_scaled = scaled.narrow(0, 0, num_active), step_logits = logits.narrow(0, 0, num_active);
         Tensor step_prob = prob.narrow(0, 0, num_active), updated = next.narrow(0, 0, num_active);
-        at::mul_out(step_scaled, x, at::scalar_tensor(beta, options));
+        at::mul_out(step_scaled, x, beta_tensor);
         at::mm_out(step_logits, step_scaled, memory.t());
         at::_softmax_out(step_prob, step_logits, 1, false);
         at::mm_out(updated, step_prob, memory);
@@ -209,6 +209,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
     Tensor products = at::empty({2 * block_rows, num_patterns}, options);
     Tensor prob = at::empty({block_rows, num_patterns}, options), dscore = at::empty_like(prob);
     Tensor g = at::empty({block_rows, dim}, options);
+    const Tensor beta_tensor = at::scalar_tensor(beta, options);
     for (int64_t part = part_begin; part < part_end; ++part) {
       Tensor grad_memory_acc = grad_memory ? grad_memory_partial[part] : Tensor();
       for (int64_t block = part * num_blocks / partials; block < (part + 1) * num_blocks / partials; ++block) {
@@ -233,7 +234,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
           // P normalised from these very logits, dS = P * (dP - sum(P * dP)).
           Tensor both = stacked.narrow(0, 0, 2 * a), both_products = products.narrow(0, 0, 2 * a);
           Tensor scaled_x = both.narrow(0, 0, a);
-          at::mul_out(scaled_x, x, at::scalar_tensor(beta, options));
+          at::mul_out(scaled_x, x, beta_tensor);
           both.narrow(0, a, a).copy_(g_rows);
           at::mm_out(both_products, both, memory.t());
           Tensor step_prob = prob.narrow(0, 0, a), step_dscore = dscore.narrow(0, 0, a);
