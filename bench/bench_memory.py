@@ -6,7 +6,8 @@ ONE encoder (``shared_encoder=True``; the paper's four separate encoders hold fo
 encoder activations), each setting in a fresh process: peak RSS above the process's start (the
 model included), and the step time (median of ``--repeats``). Settings: layout grid / nested x
 activation checkpointing off / on x fused ops / references, fp32, plus bf16 autocast for grid.
-And one AnoMem stage-1 step (ResNet-50, 32 px, the paper's preset) at batch 16 and 32: the
+And one AnoMem stage-1 step (ResNet-50, 32 px, the paper's preset) at batch 16 and 32, activation
+checkpointing off / on (``--anomem-only`` refreshes just these rows): the
 difference / 16 is the memory per image.
 
 Run: ``python -m bench.bench_memory [--repeats 2] [--out bench/results/memory-cpu.json]``.
@@ -56,9 +57,10 @@ def step(layout: str, activation_checkpointing: bool, ops: str, precision: str, 
     return {"peak_gb": (_peak_rss() - start_rss) / 2**30, "step_s": statistics.median(times)}
 
 
-def anomem_step(batch: int, precision: str, repeats: int) -> dict:
+def anomem_step(batch: int, precision: str, repeats: int, activation_checkpointing: bool = False) -> dict:
     """Peak RSS above the start and median time of one AnoMem stage-1 step (ResNet-50, width 64,
-    CIFAR stem, 32 px, the paper's memories), ``batch`` images."""
+    CIFAR stem, 32 px, the paper's memories), ``batch`` images, blocks recomputed in the backward
+    or not."""
     import torch
 
     from bench._harness import _peak_rss, _reset_hwm
@@ -67,7 +69,8 @@ def anomem_step(batch: int, precision: str, repeats: int) -> dict:
 
     _reset_hwm()
     start_rss = _peak_rss()
-    detector = AnoMem.preset("paper", precision=precision, device="cpu", verbose=False)
+    detector = AnoMem.preset("paper", precision=precision, device="cpu", verbose=False,
+                             activation_checkpointing=activation_checkpointing)
     model = detector._build_model(3, (32, 32)).train()
     images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     gen, config, times = torch.Generator().manual_seed(1), AugmentConfig(), []
@@ -95,11 +98,12 @@ def main() -> None:
     parser.add_argument("--anomem-only", action="store_true", help="only the AnoMem rows")
     args = parser.parse_args()
     rows, load_before = [], os.getloadavg()
-    for batch in (16, 32):  # per image: the difference over 16 images (the model's own memory cancels)
-        result = run_isolated("bench.bench_memory:anomem_step", {"batch": batch, "precision": "fp32",
-                                                                 "repeats": args.repeats}, timeout=1200)
-        rows.append({"method": "anomem resnet50 32px", "batch": batch, "precision": "fp32", **result})
-        print(json.dumps(rows[-1]), flush=True)
+    for ckpt in (False, True):
+        for batch in (16, 32):  # per image: the difference over 16 images (the model's own memory cancels)
+            setting = {"batch": batch, "precision": "fp32", "activation_checkpointing": ckpt}
+            result = run_isolated("bench.bench_memory:anomem_step", {**setting, "repeats": args.repeats}, timeout=1200)
+            rows.append({"method": "anomem resnet50 32px", **setting, **result})
+            print(json.dumps(rows[-1]), flush=True)
     for setting in [] if args.anomem_only else SETTINGS:
         result = run_isolated("bench.bench_memory:step", {**setting, "repeats": args.repeats}, timeout=1200)
         rows.append({**setting, **result})
@@ -109,7 +113,7 @@ def main() -> None:
     out = Path(args.out)
     if args.anomem_only and out.is_file():  # add the rows to the CPC-AD ones already measured
         previous = json.loads(out.read_text())
-        record["rows"] = previous["rows"] + rows
+        record["rows"] = [r for r in previous["rows"] if not r.get("method", "").startswith("anomem")] + rows
     out.write_text(json.dumps(record, indent=2))
 
 

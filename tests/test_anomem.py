@@ -497,3 +497,34 @@ def test_precision_runs_the_encoder_only_in_bf16(precision):
     assert np.isfinite(detector.decision_function(images[:8])).all()
     with pytest.raises(ValueError, match="precision"):
         AnoMem(**TINY, precision="half")
+
+
+def test_activation_checkpointing_keeps_gradients_and_batchnorm_statistics():
+    """Recomputing the blocks in the backward: the same gradients, and BatchNorm's running
+    statistics and batch counter updated once (the recompute would otherwise update them again)."""
+    torch.manual_seed(0)
+    plain, recomputed = resnet18(width=8, small_input=True), resnet18(width=8, small_input=True)
+    recomputed.load_state_dict(plain.state_dict())
+    recomputed.checkpoint_activations = True
+    x = torch.randn(4, 3, 16, 16)
+    grads = []
+    for encoder in (plain, recomputed):
+        encoder.train()
+        sum(o.square().mean() for o in encoder(x)).backward()
+        grads.append([p.grad for p in encoder.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values()):
+        assert torch.equal(a, b), name  # running_mean / running_var / num_batches_tracked
+    assert int(recomputed.layer1[0].bn1.num_batches_tracked) == 1
+    assert recomputed.layer1[0].bn1.momentum == plain.layer1[0].bn1.momentum
+
+
+def test_activation_checkpointing_fit_matches_plain_fit(data):
+    config = {**TINY, "epochs": 1, "seed": 5}
+    plain = AnoMem(**config).fit(data["normal"][:32])
+    recomputed = AnoMem(**config, activation_checkpointing=True).fit(data["normal"][:32])
+    assert recomputed.model_.encoder.checkpoint_activations and not plain.model_.encoder.checkpoint_activations
+    for (name, a), b in zip(plain.model_.state_dict().items(), recomputed.model_.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert AnoMem(**config, activation_checkpointing=True).get_params()["activation_checkpointing"] is True

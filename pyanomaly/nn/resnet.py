@@ -13,16 +13,39 @@ Two options beyond the standard network:
   maps of 32, 16, 8 and 4 pixels instead of 8, 4, 2 and 1.
 - ``width`` scales every stage's channel count (64 is the standard network); small widths give
   tiny encoders for tests and CPU runs.
+
+And ``checkpoint_activations``: recompute each residual block in the backward instead of keeping its
+activations (``torch.utils.checkpoint``, training only). BatchNorm would update its running
+statistics a second time in the recompute; :func:`_frozen_batchnorm_stats` keeps them as the
+forward left them, so a checkpointed step gives the same gradients and the same buffers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` (in training mode) without changing its BatchNorm running statistics: the
+    batch statistics still normalise, momentum 0 keeps the running mean and variance exactly, and
+    the batch counter is put back."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -143,6 +166,8 @@ class ResNet(nn.Module):
             self.stage_channels.append(channels)
             self.stage_strides.append(stride_total)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        #: Recompute each residual block's activations in the backward (see the module docstring).
+        self.checkpoint_activations = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -159,8 +184,16 @@ class ResNet(nn.Module):
             raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
         outputs = []
         x = self.stem(x)
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:num_stages]:
-            x = stage(x)
+            if recompute:
+                from torch.utils.checkpoint import checkpoint
+
+                for block in stage:
+                    contexts = (lambda block=block: (contextlib.nullcontext(), _frozen_batchnorm_stats(block)))
+                    x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+            else:
+                x = stage(x)
             outputs.append(x)
         return outputs
 

@@ -93,6 +93,10 @@ class AnoMem(Detector):
             last) to ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and
             ends with the same parameters as an uninterrupted fit (seeded, CPU).
         checkpoint_dir: folder for ``anomem-checkpoint.pt`` (written atomically).
+        activation_checkpointing: recompute each residual block's activations in the backward
+            (``torch.utils.checkpoint``) instead of storing them: less training memory for one
+            extra encoder forward. BatchNorm's running statistics are updated once per step, as
+            without it (the recompute leaves them alone), so training is unchanged. Default False.
         verbose: progress bars (tqdm, stderr) while training and scoring; per-epoch losses go to the
             ``"pyanomaly"`` logger at INFO either way.
 
@@ -154,6 +158,7 @@ class AnoMem(Detector):
         eval_batch_size: int = 256,
         checkpoint_every: int = 0,
         checkpoint_dir: str | None = None,
+        activation_checkpointing: bool = False,
         verbose: bool = False,
     ) -> None:
         super().__init__(contamination=contamination)
@@ -229,6 +234,7 @@ class AnoMem(Detector):
         self.precision = check_precision(precision)
         self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
         self._set_checkpointing(checkpoint_every, checkpoint_dir)
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.verbose = bool(verbose)
         self.model_: AnoMemModel | None = None
         self.history_: list[dict[str, Any]] = []
@@ -260,7 +266,7 @@ class AnoMem(Detector):
 
     def _build_model(self, channels: int, size: tuple[int, int], mean=None, std=None) -> AnoMemModel:
         small = self.small_input if self.small_input is not None else max(size) <= 64
-        return AnoMemModel(
+        model = AnoMemModel(
             backbone=self.backbone,
             in_channels=channels,
             width=self.width,
@@ -276,6 +282,8 @@ class AnoMem(Detector):
             mean=mean,
             std=std,
         ).to(memory_format=torch.channels_last)
+        model.encoder.checkpoint_activations = self.activation_checkpointing
+        return model
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, data, y=None, *, anomalies=None, on_epoch_end=None, resume=None) -> AnoMem:
