@@ -90,6 +90,13 @@ def test_matches_reference(shape, grad, max_iter, tol, dtype):
             assert max_err(fused[k], truth[k]) <= 1e-9 * scale
         else:  # at most twice the error of the plain-PyTorch loop in the same dtype
             assert max_err(fused[k], truth[k]) <= 2 * max_err(plain[k], truth[k]) + 2e-6 * scale
+    # Inference (no gradient: save="none") under the same rule.
+    with torch.no_grad():
+        inferred, inferred_iterations = hopfield_retrieve(queries.to(dtype), memory.to(dtype), **kwargs)
+    assert torch.equal(inferred_iterations, truth[1])
+    scale = max(float(truth[0].abs().max()), 1.0)
+    bound = 1e-9 * scale if dtype == torch.float64 else 2 * max_err(plain[0], truth[0]) + 2e-6 * scale
+    assert max_err(inferred, truth[0]) <= bound
 
 
 def test_tol_zero_runs_exactly_max_iter_even_at_a_fixed_point():
