@@ -202,21 +202,28 @@ def add_fit_parser(commands, argv) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit and save a run; under ``torchrun --nproc_per_node N`` one model over N ranks (rank 0 writes)."""
+    from pyanomaly import distributed
     from pyanomaly.runs import fit_run
 
     if args.resume is not None:
         if args.out not in (None, args.resume) or args.data or args.train:
             raise CLIError("--resume RUN takes its data and output folder from RUN; drop --out/--data/--train")
         config = {name: getattr(args, name) for name in args.method_options if hasattr(args, name)}
+        distributed.init_from_env(config.get("device", "auto"))
         fit_run(args.method, args.resume, config, resume=True)
-        print(f"saved {Path(args.resume) / 'model.pt'} and {Path(args.resume) / 'config.json'}")
-        return 0
-    if args.out is None:
-        raise CLIError("fit needs --out RUN (the run folder to write)")
-    config = _detector_config(args, args.method, args.method_options)
-    fit_run(args.method, args.out, config, data=args.data, category=args.category, train=args.train,
-            overwrite=args.overwrite)
-    print(f"saved {Path(args.out) / 'model.pt'} and {Path(args.out) / 'config.json'}")
+        out = Path(args.resume)
+    else:
+        if args.out is None:
+            raise CLIError("fit needs --out RUN (the run folder to write)")
+        config = _detector_config(args, args.method, args.method_options)
+        distributed.init_from_env(config.get("device", "auto"))
+        fit_run(args.method, args.out, config, data=args.data, category=args.category, train=args.train,
+                overwrite=args.overwrite)
+        out = Path(args.out)
+    if distributed.is_main():
+        print(f"saved {out / 'model.pt'} and {out / 'config.json'}")
+    distributed.shutdown()
     return 0
 
 
@@ -354,9 +361,13 @@ def add_protocol_parser(commands, argv) -> None:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
+    """Run a protocol; under ``torchrun`` the one-vs-all fits are spread over the ranks (the OOD
+    protocol's single fit trains over all of them) and rank 0 writes the table."""
+    from pyanomaly import distributed
     from pyanomaly.protocols import one_vs_all, out_of_distribution, write_table
 
     cls, config = get_method(args.method), parse_set(args.set)
+    distributed.init_from_env(config.get("device", "auto"))
     common = dict(detector=lambda: cls(**config), image_size=args.image_size, grayscale=args.grayscale,
                   seed=args.seed, verbose=True)
     if args.kind == "one-vs-all":
@@ -368,6 +379,10 @@ def cmd_protocol(args: argparse.Namespace) -> int:
         result = out_of_distribution(args.data, args.out_data, train_limit=args.train_limit,
                                      test_limit=args.test_limit, **common)
     result["method"], result["config"] = args.method, config
+    main = distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return 0
     md, js = write_table(result, args.out)
     print(md.read_text(), end="")
     print(f"table: {md}\njson: {js}")

@@ -25,6 +25,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from pyanomaly import distributed
 from pyanomaly.data import ClassFolderDataset, load_image, stack_resized
 from pyanomaly.metrics import image_auroc
 
@@ -180,18 +181,23 @@ def one_vs_all(
         "seconds": {},
         "n_train": {},
     }
+    jobs = []  # (gamma, class, anomaly picks), drawn in the same order whatever the ranks
     for gamma in gammas:
-        key = f"{gamma:g}"
-        result["auroc"][key], result["seconds"][key], result["n_train"][key] = {}, {}, {}
         for c in normal_classes:
-            name = train.classes[c]
-            normal = train_images[train_y == c]
-            anomalies = None
+            pick = None
             if gamma > 0:
                 pool = np.flatnonzero(train_y != c)
-                count = max(1, int(round(gamma / (1.0 - gamma) * len(normal))))
-                pick = rng.choice(pool, size=min(count, len(pool)), replace=False)
-                anomalies = train_images[np.sort(pick)]
+                count = max(1, int(round(gamma / (1.0 - gamma) * int((train_y == c).sum()))))
+                pick = np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False))
+            jobs.append((gamma, c, pick))
+    rank, ranks = distributed.world()
+    done = {}
+    with distributed.local_fits():  # the fits are independent: rank r runs jobs r, r + N, ...
+        for index, (gamma, c, pick) in enumerate(jobs):
+            if index % ranks != rank:
+                continue
+            normal = train_images[train_y == c]
+            anomalies = None if pick is None else train_images[pick]
             tick = time.perf_counter()
             model = make()
             if anomalies is None:
@@ -199,15 +205,20 @@ def one_vs_all(
             else:
                 model.fit(normal, anomalies=anomalies)
             scores = np.asarray(model.decision_function(test_images), dtype=np.float64)
-            seconds = time.perf_counter() - tick
-            auroc = image_auroc((test_y != c).astype(np.int64), scores)
-            result["auroc"][key][name] = float(auroc)
-            result["seconds"][key][name] = float(seconds)
-            result["n_train"][key][name] = {
-                "normal": int(len(normal)),
-                "anomalies": 0 if anomalies is None else int(len(anomalies)),
-            }
-            _log(verbose, f"gamma {key} normal class {name}: AUROC {auroc:.4f} ({seconds:.1f} s)")
+            done[index] = (float(image_auroc((test_y != c).astype(np.int64), scores)), time.perf_counter() - tick,
+                           int(len(normal)), 0 if anomalies is None else int(len(anomalies)))
+            _log(verbose, f"gamma {gamma:g} normal class {train.classes[c]}: AUROC {done[index][0]:.4f} "
+                          f"({done[index][1]:.1f} s)")
+    done = distributed.merge_dicts(done)
+    for key in (f"{g:g}" for g in gammas):
+        result["auroc"][key], result["seconds"][key], result["n_train"][key] = {}, {}, {}
+    for index, (gamma, c, _) in enumerate(jobs):
+        key, name = f"{gamma:g}", train.classes[c]
+        auroc, seconds, n_normal, n_anomalies = done[index]
+        result["auroc"][key][name] = auroc
+        result["seconds"][key][name] = float(seconds)
+        result["n_train"][key][name] = {"normal": n_normal, "anomalies": n_anomalies}
+    for key in (f"{g:g}" for g in gammas):
         result["mean"][key] = float(np.mean(list(result["auroc"][key].values())))
         _log(verbose, f"gamma {key}: mean AUROC {result['mean'][key]:.4f}")
     return result

@@ -15,12 +15,14 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pyanomaly import distributed
 
 __all__ = [
     "RUN_OUTPUTS", "RunError", "TestSet", "benchmark_run", "claim_run_folder", "evaluate_run", "export_run", "fit_run",
@@ -240,11 +242,22 @@ def fit_run(method: str, out: str | os.PathLike, config: dict[str, Any], *, data
     if getattr(detector, "epochs", 1) < 1:
         raise RunError("epochs must be >= 1 (0 would save an untrained model)")
     files, source = training_files(data=data, category=category, train=train)
-    lock = claim_run_folder(out, overwrite=overwrite, resume=resume)
+    # distributed (torchrun): every rank trains, rank 0 alone claims and writes the run folder; the
+    # others learn whether it could, so a refused folder stops every rank instead of leaving them waiting
+    main = distributed.is_main()
+    lock, refused = nullcontext(), None
+    if main:
+        try:
+            lock = claim_run_folder(out, overwrite=overwrite, resume=resume)
+        except RunError as exc:
+            refused = exc
+    refusal = distributed.broadcast_object(None if refused is None else str(refused))
+    if refusal is not None:
+        raise refused if refused is not None else RunError(refusal)
     out = Path(out)
     try:
         checkpointing = getattr(detector, "checkpoint_every", 0)
-        if checkpointing and not resume:
+        if checkpointing and not resume and main:
             _write_json(out / RESUME_ARGS, {"method": method, "config": detector.config(), "data": data and str(data),
                                             "category": category, "train": train and str(train)})
         start = time.perf_counter()
@@ -256,6 +269,8 @@ def fit_run(method: str, out: str | os.PathLike, config: dict[str, Any], *, data
                                f"continue with `pyanomaly fit --resume {out}`") from None
             raise RunError(f"interrupted: nothing was saved to {out}") from None
         seconds = time.perf_counter() - start
+        if not main:
+            return detector
         detector.save(out / "model.pt")
         _write_json(out / "config.json", {
             "method": method, **source, "config": detector.config(), "fit_seconds": round(seconds, 1),

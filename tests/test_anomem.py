@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import pyanomaly.ops
 from pyanomaly import AnoMem
 from pyanomaly.metrics import image_auroc
-from pyanomaly.models.anomem.augment import AugmentConfig, matching_points, simclr_view
+from pyanomaly.models.anomem.augment import AugmentConfig, matching_points, random_quarter_turns, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss, nt_xent
 from pyanomaly.models.base import Detector
 from pyanomaly.nn import HopfieldMemory
@@ -335,6 +335,7 @@ def test_seed_reproducibility_and_input_formats(data):
         ({"device": "nonsense"}, "device"),
         ({"contamination": 0.7}, "contamination"),
         ({"negatives": "same_image"}, "negatives"),
+        ({"distribution_augmentation": "rot45"}, "distribution_augmentation"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
@@ -528,3 +529,48 @@ def test_activation_checkpointing_fit_matches_plain_fit(data):
     for (name, a), b in zip(plain.model_.state_dict().items(), recomputed.model_.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert AnoMem(**config, activation_checkpointing=True).get_params()["activation_checkpointing"] is True
+
+
+def _turn_of(image: torch.Tensor, source: torch.Tensor) -> int | None:
+    """k if ``image`` is ``source`` turned by k quarter turns, else None."""
+    return next((k for k in range(4) if torch.equal(image, torch.rot90(source, k, dims=(-2, -1)))), None)
+
+
+def test_random_quarter_turns_turns_each_image_by_its_own_seeded_multiple_of_90_degrees():
+    images = torch.rand(64, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    turned = random_quarter_turns(images, torch.Generator().manual_seed(1))
+    turns = [_turn_of(t, x) for t, x in zip(turned, images)]
+    assert None not in turns and set(turns) == {0, 1, 2, 3}
+    assert torch.equal(turned, random_quarter_turns(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(turned, random_quarter_turns(images, torch.Generator().manual_seed(2)))
+    assert random_quarter_turns(images[:0], torch.Generator()).shape == (0, 3, 5, 5)
+
+
+@pytest.mark.parametrize("augmentation", [None, "rot90"])
+def test_distribution_augmentation_turns_the_training_images_before_both_views(monkeypatch, data, augmentation):
+    """With "rot90" both views of an image are drawn from the same turned image (a turned image is a
+    new instance); without it the views come from the upright images and nothing else is drawn."""
+    import pyanomaly.models.anomem.detector as detector_module
+
+    seen = []
+
+    def recording_view(images, *args):
+        seen.append(images.clone())
+        return simclr_view(images, *args)
+
+    monkeypatch.setattr(detector_module, "simclr_view", recording_view)
+    normal = data["normal"][:32]
+    AnoMem(**{**TINY, "epochs": 1}, distribution_augmentation=augmentation).fit(normal)
+    upright = normal.float() / 255
+    first, second = seen[0], seen[1]  # the two views of the first batch
+    assert torch.equal(first, second)
+    turns = [next((k for x in upright if (k := _turn_of(v, x)) is not None), None) for v in first]
+    assert None not in turns
+    assert set(turns) == {0} if augmentation is None else len(set(turns)) > 1
+
+
+def test_distribution_augmentation_needs_square_images():
+    images = torch.rand(8, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="square"):
+        AnoMem(**{**TINY, "epochs": 1}, distribution_augmentation="rot90").fit(images)
+    AnoMem(**{**TINY, "epochs": 1}, distribution_augmentation="rot90", image_size=16).fit(images)

@@ -348,3 +348,81 @@ def test_cli_resume(tmp_path, data, capsys):
     capsys.readouterr()
     assert cli.main(["fit", "--data", str(root), "--category", "synthetic", "--out", str(run), *tiny]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+# -- training data pipeline -------------------------------------------------------------------
+LOADING_CASES = [(CPCAD, {**CPCAD_TINY, "epochs": 2, "crop_fraction": 2 / 3}), (AnoMem, {**ANOMEM_TINY, "epochs": 2, "seed": 3})]
+
+
+def _same_parameters(a, b):
+    for (name, x), y in zip(a.model_.state_dict().items(), b.model_.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("cls, kwargs", LOADING_CASES)
+def test_a_seeded_fit_is_the_same_with_any_number_of_workers_and_with_or_without_the_cache(cls, kwargs, data):
+    """Crops and flips come from per-image generators seeded by (seed, epoch, image): reading in 2
+    worker processes, or from disk every epoch instead of a cache, trains the same parameters."""
+    files = sorted(str(p) for p in (data[0] / "synthetic" / "train" / "good").iterdir())[:12]
+    reference = cls(**kwargs).fit(files)
+    _same_parameters(reference, cls(**kwargs, num_workers=2).fit(files))
+    _same_parameters(reference, cls(**kwargs, cache_images=False).fit(files))
+    _same_parameters(reference, cls(**kwargs, cache_images=True, num_workers=1).fit(files))
+    np.testing.assert_array_equal(reference.decision_scores_, cls(**kwargs, cache_images=False).fit(files).decision_scores_)
+
+
+@pytest.mark.parametrize("cls, kwargs", LOADING_CASES)
+def test_training_files_are_read_every_epoch_unless_cached(cls, kwargs, data, monkeypatch):
+    import pyanomaly.data._sources as sources
+
+    files = sorted(str(p) for p in (data[0] / "synthetic" / "train" / "good").iterdir())[:8]
+    reads = []
+    real_one = sources._one
+    monkeypatch.setattr(sources, "_one", lambda item, *a: reads.append(item) or real_one(item, *a))
+    cls(**kwargs, cache_images=True).fit(files)
+    assert len(reads) == len(files)  # decoded once
+    reads.clear()
+    cls(**kwargs, cache_images=False).fit(files)
+    epochs = kwargs["epochs"]
+    assert len(reads) >= epochs * len(files) and {str(r) for r in reads} == set(files)
+
+
+def test_image_source_reads_lazily_and_names_bad_files(tmp_path):
+    from pyanomaly.data._sources import ImageSource
+
+    paths = []
+    for i, size in enumerate([(20, 30), (16, 16)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full(size, 10 * i, np.uint8)).save(paths[-1])
+    source = ImageSource([str(p) for p in paths], "data", mode="gray", cache=False)
+    assert not source.cached and source.sizes == [(20, 30), (16, 16)] and len(source) == 2
+    assert source[1].shape == (1, 16, 16) and int(source[1][0, 0, 0]) == 10
+    assert [tuple(x.shape) for x in source[0:2]] == [(1, 20, 30), (1, 16, 16)]
+    assert source.subset([1]).sizes == [(16, 16)] and ImageSource(paths, "data", mode="rgb", cache=True)[0].shape == (3, 20, 30)
+    with pytest.raises(ValueError, match=r"1\.png is 16x16 pixels; this detector needs at least 17"):
+        ImageSource([str(p) for p in paths], "data", mode="gray", min_size=17, cache=False)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(paths[1])
+    with pytest.raises(ValueError, match=r"1\.png changed on disk"):
+        source[1]
+    with pytest.raises(ValueError, match="cache"):
+        ImageSource(paths, cache="sometimes")
+
+
+@pytest.mark.parametrize("cls, kwargs", [(CPCAD, CPCAD_TINY), (AnoMem, ANOMEM_TINY)])
+@pytest.mark.parametrize("bad, match", [({"num_workers": -1}, "num_workers"), ({"num_workers": 1.5}, "num_workers"),
+                                        ({"cache_images": "yes"}, "cache_images")])
+def test_bad_data_loading_arguments_name_the_argument(cls, kwargs, bad, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**{**kwargs, **bad})
+
+
+def test_folder_datasets_are_read_from_their_files(data):
+    from pyanomaly.data import FolderDataset
+    from pyanomaly.data._sources import ImageSource
+
+    train = data[1]
+    lazy = ImageSource(train, "data", cache=False)
+    assert not lazy.cached and len(lazy) == len(train) and lazy.channels == 1  # the dataset's grayscale setting
+    assert torch.equal(lazy[3], train[3].image)
+    colour = ImageSource(FolderDataset(data[0] / "synthetic" / "train" / "good", grayscale=False), "data", cache=True)
+    assert colour.cached and colour[0].shape[0] == 3

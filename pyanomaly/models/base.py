@@ -30,6 +30,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pyanomaly import distributed
+from pyanomaly.data._sources import EpochLoader, ImageSource
+
 __all__ = ["METHODS", "Detector", "FORMAT_VERSION", "atomic_save", "get_method", "resolve_device"]
 
 #: 1: the payload dict itself. 2: the payload serialised, with its SHA-256 and the versions beside it.
@@ -37,6 +40,17 @@ FORMAT_VERSION = 2
 #: Quantile of the training maps' pixel values that sets the default ``pixel_threshold_``.
 PIXEL_QUANTILE = 0.999
 _PROBA_METHODS = ("linear", "unify")
+
+
+class _TrainingStep(torch.nn.Module):
+    """A model and the function that computes its training loss, as one module (what DDP wraps)."""
+
+    def __init__(self, model: torch.nn.Module, loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, *args, **kwargs):
+        return self.loss(*args, **kwargs)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -411,6 +425,46 @@ class Detector:
             raise ValueError("checkpoint_every needs checkpoint_dir (the folder to write checkpoints to)")
         self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
 
+    def _set_data_loading(self, num_workers: int, cache_images: bool | str) -> None:
+        """Validate and store the two training-data arguments both detectors take."""
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if cache_images not in (True, False, "auto"):
+            raise ValueError(f"cache_images must be True, False or 'auto', got {cache_images!r}")
+        self.num_workers, self.cache_images = num_workers, cache_images
+
+    def _training_source(self, data: Any, name: str, **kwargs) -> ImageSource:
+        """The training images, decoded per epoch from their files or cached (``cache_images``)."""
+        return ImageSource(data, name, cache=getattr(self, "cache_images", "auto"), **kwargs)
+
+    def _epoch_loader(self, source: ImageSource, transform, *, seed: int, batch_size: int, drop_last: bool,
+                      collate=None, split_over_ranks: bool = False) -> EpochLoader:
+        """Batches of ``transform`` over ``source``, in ``num_workers`` DataLoader workers (pinned
+        memory when training on CUDA); ``split_over_ranks``: this rank's slice of each batch."""
+        return EpochLoader(source, transform, seed=seed, batch_size=batch_size, drop_last=drop_last,
+                           num_workers=getattr(self, "num_workers", 0),
+                           pin_memory=torch.device(self.device).type == "cuda", collate=collate,
+                           ranks=distributed.world() if split_over_ranks else (0, 1))
+
+    def _global_batch(self) -> tuple[int, int]:
+        """(rank, world size) of this fit, after checking that ``batch_size`` splits evenly."""
+        rank, size = distributed.world()
+        if size > 1 and self.batch_size % size:
+            raise ValueError(f"batch_size ({self.batch_size}) is the global batch: it must be a multiple of the "
+                             f"number of ranks ({size})")
+        return rank, size
+
+    def _data_parallel(self, model: torch.nn.Module, loss):
+        """``loss`` (a function of a batch that runs ``model`` and returns its training loss), as a
+        DistributedDataParallel module over ``model`` when training is distributed, else itself."""
+        if distributed.world()[1] == 1:
+            return loss
+        device = torch.device(self.device)
+        return torch.nn.parallel.DistributedDataParallel(
+            _TrainingStep(model, loss), device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+
     def _checkpoint_file(self) -> Path | None:
         directory = getattr(self, "checkpoint_dir", None)
         return None if directory is None else Path(directory) / f"{self.method}-checkpoint.pt"
@@ -419,7 +473,7 @@ class Detector:
         """After ``epoch`` (1-based): write the training state atomically every ``checkpoint_every``
         epochs (and after the last)."""
         every, path = getattr(self, "checkpoint_every", 0), self._checkpoint_file()
-        if not every or path is None or (epoch % every and epoch != self.epochs):
+        if not every or path is None or (epoch % every and epoch != self.epochs) or not distributed.is_main():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"format": "pyanomaly-checkpoint", "method": self.method, "config": self.config(),
@@ -451,8 +505,11 @@ class Detector:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted detector to one file (atomically: an existing file is replaced whole)."""
+        """Write the fitted detector to one file (atomically: an existing file is replaced whole).
+        In distributed training only rank 0 writes; the other ranks return at once."""
         self._check_fitted()
+        if not distributed.is_main():
+            return
         payload = {
             "method": self.method,
             "config": self.config(),

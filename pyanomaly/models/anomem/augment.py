@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "CropParams", "matching_points", "simclr_view"]
+__all__ = ["AugmentConfig", "CropParams", "matching_points", "random_quarter_turns", "simclr_view"]
 
 
 @dataclass(frozen=True)
@@ -78,23 +78,39 @@ class CropParams:
         return (points - self.center.to(points.dtype)[:, None, :]) / scale
 
 
-def _uniform(shape, low: float, high: float, generator: torch.Generator, device) -> torch.Tensor:
-    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+#: ``part`` = (first row, total rows): the batch is rows [first, first + B) of a larger one
+#: (distributed training: the global batch); every draw is made for all ``total`` rows and sliced,
+#: so an image's augmentation does not depend on how the batch is split. None: the batch itself.
+Part = tuple[int, int] | None
+
+
+def _draw(sample, batch: int, part: Part, *shape, generator: torch.Generator, device, **kwargs) -> torch.Tensor:
+    """``sample((rows, *shape))`` for this batch's ``batch`` rows of ``part`` (see :data:`Part`)."""
+    first, total = part if part is not None else (0, batch)
+    return sample((total, *shape), generator=generator, device=device, **kwargs)[first : first + batch]
+
+
+def _rand(batch: int, part, *shape, generator: torch.Generator, device) -> torch.Tensor:
+    return _draw(torch.rand, batch, part, *shape, generator=generator, device=device)
+
+
+def _uniform(batch: int, low: float, high: float, generator: torch.Generator, device, part=None) -> torch.Tensor:
+    return low + (high - low) * _rand(batch, part, generator=generator, device=device)
 
 
 def _random_crop(
-    batch: int, config: AugmentConfig, generator: torch.Generator, device: torch.device
+    batch: int, config: AugmentConfig, generator: torch.Generator, device: torch.device, part=None
 ) -> CropParams:
-    area = _uniform(batch, *config.crop_scale, generator, device)
+    area = _uniform(batch, *config.crop_scale, generator, device, part)
     low, high = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
-    log_ratio = _uniform(batch, low, high, generator, device)
+    log_ratio = _uniform(batch, low, high, generator, device, part)
     ratio = log_ratio.exp()
     width = (area * ratio).sqrt().clamp(max=1.0)
     height = (area / ratio).sqrt().clamp(max=1.0)
     half = torch.stack([width, height], dim=-1)
     # centre uniformly among positions that keep the crop inside the image
-    center = (1 - half) * (2 * torch.rand((batch, 2), generator=generator, device=device) - 1)
-    flip = torch.rand(batch, generator=generator, device=device) < config.flip_p
+    center = (1 - half) * (2 * _rand(batch, part, 2, generator=generator, device=device) - 1)
+    flip = _rand(batch, part, generator=generator, device=device) < config.flip_p
     return CropParams(center=center, half=half, flip=flip)
 
 
@@ -105,12 +121,12 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(1, keepdim=True)
 
 
-def _jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def _jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator, part=None) -> torch.Tensor:
     batch, device = images.shape[0], images.device
-    apply = (torch.rand(batch, generator=generator, device=device) < config.jitter_p).view(-1, 1, 1, 1)
+    apply = (_rand(batch, part, generator=generator, device=device) < config.jitter_p).view(-1, 1, 1, 1)
 
     def factor(strength: float) -> torch.Tensor:
-        f = _uniform(batch, max(0.0, 1 - strength), 1 + strength, generator, device).view(-1, 1, 1, 1)
+        f = _uniform(batch, max(0.0, 1 - strength), 1 + strength, generator, device, part).view(-1, 1, 1, 1)
         return torch.where(apply, f, torch.ones_like(f))
 
     out = (images * factor(config.brightness)).clamp(0, 1)
@@ -121,20 +137,20 @@ def _jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     return out
 
 
-def _random_gray(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def _random_gray(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator, part=None) -> torch.Tensor:
     if images.shape[1] == 1 or config.grayscale_p <= 0:
         return images
-    apply = torch.rand(images.shape[0], generator=generator, device=images.device) < config.grayscale_p
+    apply = _rand(images.shape[0], part, generator=generator, device=images.device) < config.grayscale_p
     return torch.where(apply.view(-1, 1, 1, 1), _gray(images).expand_as(images), images)
 
 
-def _blur(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def _blur(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator, part=None) -> torch.Tensor:
     batch, channels, height, width = images.shape
     device = images.device
     # kernel about 10% of the image side, odd, at least 3 (SimCLR)
     size = max(3, int(0.1 * min(height, width)) | 1)
-    sigma = _uniform(batch, *config.blur_sigma, generator, device)
-    apply = torch.rand(batch, generator=generator, device=device) < config.blur_p
+    sigma = _uniform(batch, *config.blur_sigma, generator, device, part)
+    apply = _rand(batch, part, generator=generator, device=device) < config.blur_p
     offsets = torch.arange(size, device=device, dtype=images.dtype) - size // 2
     kernel = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma[:, None].to(images.dtype) ** 2))
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
@@ -151,16 +167,35 @@ def _blur(images: torch.Tensor, config: AugmentConfig, generator: torch.Generato
     return x.reshape(batch, channels, height, width)
 
 
-def _noise(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def _noise(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator, part=None) -> torch.Tensor:
     batch, device = images.shape[0], images.device
-    std = _uniform(batch, 0.0, config.noise_std, generator, device)
-    std = torch.where(torch.rand(batch, generator=generator, device=device) < config.noise_p, std, 0.0)
-    noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
+    std = _uniform(batch, 0.0, config.noise_std, generator, device, part)
+    std = torch.where(_rand(batch, part, generator=generator, device=device) < config.noise_p, std, 0.0)
+    noise = _draw(torch.randn, batch, part, *images.shape[1:], generator=generator, device=device, dtype=images.dtype)
     return (images + std.view(-1, 1, 1, 1).to(images.dtype) * noise).clamp(0, 1)
 
 
+def random_quarter_turns(images: torch.Tensor, generator: torch.Generator, part=None) -> torch.Tensor:
+    """Each image of a square batch (B, C, S, S) turned by its own random multiple of 90 degrees.
+
+    Distribution augmentation (Sohn et al., 2021, "Learning and evaluating representations for deep
+    one-class classification"): applied to a training image *before* its two views are drawn, so
+    both views share the turn and a turned image is a new instance, not a positive of the upright
+    one. The upright class then fills only part of the feature sphere instead of all of it.
+    ``part``: see :data:`Part`.
+    """
+    turns = _draw(lambda shape, **kw: torch.randint(0, 4, shape, **kw), images.shape[0], part,
+                  generator=generator, device=images.device)
+    out = images.clone()
+    for k in (1, 2, 3):
+        chosen = turns == k
+        if bool(chosen.any()):
+            out[chosen] = torch.rot90(images[chosen], k, dims=(2, 3))
+    return out
+
+
 def simclr_view(
-    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator, part=None
 ) -> tuple[torch.Tensor, CropParams]:
     """One augmented view of each image, at the input size.
 
@@ -168,6 +203,7 @@ def simclr_view(
         images: float (B, C, H, W) in [0, 1], on the generator's device.
         config: augmentation strengths.
         generator: source of every random draw.
+        part: (first row, total rows) when ``images`` are rows of a larger batch (see :data:`Part`).
 
     Returns:
         (view (B, C, H, W) in [0, 1], crop parameters of each view).
@@ -175,7 +211,7 @@ def simclr_view(
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"images must be float (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
     batch = images.shape[0]
-    crop = _random_crop(batch, config, generator, images.device)
+    crop = _random_crop(batch, config, generator, images.device, part)
     sign = torch.where(crop.flip, -1.0, 1.0).to(images.dtype)
     theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
     theta[:, 0, 0] = crop.half[:, 0].to(images.dtype) * sign
@@ -183,15 +219,15 @@ def simclr_view(
     theta[:, :, 2] = crop.center.to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     view = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    view = _jitter(view, config, generator)
-    view = _random_gray(view, config, generator)
-    view = _blur(view, config, generator)
-    view = _noise(view, config, generator)
+    view = _jitter(view, config, generator, part)
+    view = _random_gray(view, config, generator, part)
+    view = _blur(view, config, generator, part)
+    view = _noise(view, config, generator, part)
     return view, crop
 
 
 def matching_points(
-    first: CropParams, second: CropParams, count: int, generator: torch.Generator
+    first: CropParams, second: CropParams, count: int, generator: torch.Generator, part=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` random source points per image seen by both views, in each view's coordinates.
 
@@ -205,7 +241,7 @@ def matching_points(
     high = torch.minimum(first.center + first.half, second.center + second.half)
     overlap = (high > low).all(dim=-1)
     batch, device = first.center.shape[0], first.center.device
-    u = torch.rand((batch, count, 2), generator=generator, device=device)
+    u = _rand(batch, part, count, 2, generator=generator, device=device)
     source = low[:, None, :] + u * (high - low).clamp(min=0)[:, None, :]
     in_first, in_second = first.to_view(source), second.to_view(source)
     fallback = 2 * u - 1

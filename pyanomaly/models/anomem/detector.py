@@ -9,6 +9,7 @@ the labelled anomalies) or ``fit(normal, anomalies=...)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -17,10 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, Dataset
 
+from pyanomaly import distributed
 from pyanomaly._progress import logger, progress
+from pyanomaly.distributed import use_global_batchnorm, use_plain_batchnorm
 from pyanomaly.data import as_images, stack_resized
-from pyanomaly.models.anomem.augment import AugmentConfig, simclr_view
+from pyanomaly.models.anomem.augment import AugmentConfig, random_quarter_turns, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
 from pyanomaly.models._precision import check_precision, encoder_autocast
 from pyanomaly.models.base import Detector, resolve_device
@@ -29,6 +33,7 @@ __all__ = ["AnoMem"]
 
 _BACKBONES = ("resnet18", "resnet50")
 _NEGATIVES = ("other_images", "all")
+_DISTRIBUTION_AUGMENTATIONS = (None, "rot90")
 
 
 class AnoMem(Detector):
@@ -41,6 +46,13 @@ class AnoMem(Detector):
     hopfield-layers, and the deviation D = LN(f) - M(LN(f)) is taken in that normalised space;
     the semi-supervised classifiers train on frozen stage-1 features without augmentation, with
     the normal and anomalous halves of the double-hinge loss averaged separately.
+
+    Distributed training (``torchrun``, see :mod:`pyanomaly.distributed`): ``batch_size`` is the
+    global batch, split evenly over the ranks; NT-Xent contrasts each rank's anchors against the
+    sampled vectors of the whole global batch and the variance loss spans every rank's
+    recollections (both gathered with their gradients), BatchNorm uses the global batch's
+    statistics and the augmentations are drawn for the global batch, so N ranks train as one
+    process with the same global batch. Stage 2 and the fit-time scoring run on every rank.
 
     Args:
         backbone: "resnet50" (the paper) or "resnet18" (a lighter option for small images).
@@ -82,6 +94,12 @@ class AnoMem(Detector):
         classifier_epochs, classifier_lr: stage-2 training (SGD Nesterov + cosine, as stage 1).
         image_size: side (or (h, w)) images are resized to; None = the training images' size.
         augment: overrides of :class:`~pyanomaly.models.anomem.augment.AugmentConfig` fields.
+        distribution_augmentation: None (default, the paper) or ``"rot90"``: every stage-1 training
+            image is first turned by a random multiple of 90 degrees, shared by its two views, so
+            turned images are further instances (Sohn et al., 2021; a departure from the paper,
+            for one-class training where contrastive features otherwise spread the normal class
+            over the whole sphere and unfamiliar images land inside it, results/anomem.md).
+            Scoring sees the images upright. Needs square images.
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1".
@@ -93,6 +111,12 @@ class AnoMem(Detector):
             last) to ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and
             ends with the same parameters as an uninterrupted fit (seeded, CPU).
         checkpoint_dir: folder for ``anomem-checkpoint.pt`` (written atomically).
+        num_workers: DataLoader worker processes that read and resize the training images (0 = in
+            the training process). The SimCLR augmentations run batch-wise on the device, drawn
+            from the detector's generator, so a seeded fit is the same with any number.
+        cache_images: training images given as files: True keeps them decoded (uint8, at their own
+            size) in memory, False reads them from disk every epoch, "auto" (default) caches up to
+            1 GiB of pixels.
         activation_checkpointing: recompute each residual block's activations in the backward
             (``torch.utils.checkpoint``) instead of storing them: less training memory for one
             extra encoder forward. BatchNorm's running statistics are updated once per step, as
@@ -151,6 +175,7 @@ class AnoMem(Detector):
         classifier_lr: float = 0.01,
         image_size: int | Sequence[int] | None = None,
         augment: dict | None = None,
+        distribution_augmentation: str | None = None,
         contamination: float = 0.1,
         seed: int = 0,
         device: str | torch.device = "auto",
@@ -158,6 +183,8 @@ class AnoMem(Detector):
         eval_batch_size: int = 256,
         checkpoint_every: int = 0,
         checkpoint_dir: str | None = None,
+        num_workers: int = 0,
+        cache_images: bool | str = "auto",
         activation_checkpointing: bool = False,
         verbose: bool = False,
     ) -> None:
@@ -227,6 +254,11 @@ class AnoMem(Detector):
             AugmentConfig(**self.augment)
         except TypeError as exc:
             raise ValueError(f"augment has an unknown field: {exc}") from None
+        if distribution_augmentation not in _DISTRIBUTION_AUGMENTATIONS:
+            raise ValueError(
+                f"distribution_augmentation must be one of {_DISTRIBUTION_AUGMENTATIONS}, got {distribution_augmentation!r}"
+            )
+        self.distribution_augmentation = distribution_augmentation
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -234,6 +266,7 @@ class AnoMem(Detector):
         self.precision = check_precision(precision)
         self.eval_batch_size = _positive_int(eval_batch_size, "eval_batch_size")
         self._set_checkpointing(checkpoint_every, checkpoint_dir)
+        self._set_data_loading(num_workers, cache_images)
         self.activation_checkpointing = bool(activation_checkpointing)
         self.verbose = bool(verbose)
         self.model_: AnoMemModel | None = None
@@ -304,46 +337,84 @@ class AnoMem(Detector):
             self.
         """
         start = time.perf_counter()
-        data_x, _ = self._images(data, "data", fitted=False)
-        normal_x, anomaly_x = data_x, data_x[:0]
+        source = self._training_source(data, "data", mode=None, min_size=8, allow_float=True)
+        normal, anomalous = source, source.subset([])
         if y is not None:
-            labels = torch.as_tensor(np.asarray(y).ravel())
-            if labels.shape != (len(data_x),) or not bool(torch.isin(labels, torch.tensor([0, 1])).all()):
-                raise ValueError(f"y must be {len(data_x)} labels of 0 (normal) or 1 (anomalous), got shape {np.shape(y)}")
-            normal_x, anomaly_x = data_x[labels == 0], data_x[labels == 1]
-        if normal_x.shape[0] < 2:
-            raise ValueError(f"data must hold at least 2 normal images, got {normal_x.shape[0]}")
-        size = tuple(normal_x.shape[-2:])
+            labels = np.asarray(y).ravel()
+            if labels.shape != (len(source),) or not np.isin(labels, (0, 1)).all():
+                raise ValueError(f"y must be {len(source)} labels of 0 (normal) or 1 (anomalous), got shape {np.shape(y)}")
+            normal = source.subset(np.flatnonzero(labels == 0).tolist())
+            anomalous = source.subset(np.flatnonzero(labels == 1).tolist())
+        if len(normal) < 2:
+            raise ValueError(f"data must hold at least 2 normal images, got {len(normal)}")
+        size = self.image_size or tuple(source.sizes[0])
+        if self.distribution_augmentation == "rot90" and size[0] != size[1]:
+            raise ValueError(
+                f'distribution_augmentation="rot90" needs square images, got {size[0]}x{size[1]}: set image_size to one side'
+            )
         if anomalies is not None:
-            mode = "gray" if normal_x.shape[1] == 1 else "rgb"
-            extra = _stack_float(as_images(anomalies, "anomalies", mode=mode, min_size=8, allow_float=True), size)
-            anomaly_x = torch.cat([anomaly_x, extra])
-        self.in_channels_, self.fit_size_ = int(normal_x.shape[1]), size
-        self.semi_supervised_ = anomaly_x.shape[0] > 0
-        mean = normal_x.mean(dim=(0, 2, 3))
-        std = normal_x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+            mode = "gray" if source.channels == 1 else "rgb"
+            extra = self._training_source(anomalies, "anomalies", mode=mode, min_size=8, allow_float=True)
+            anomalous = ConcatDataset([anomalous, extra])
+        self.in_channels_, self.fit_size_ = source.channels, size
+        self.semi_supervised_ = len(anomalous) > 0
+        training = ConcatDataset([normal, anomalous])  # normal images first
+        mean, std = self._pixel_statistics(normal)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model_ = self._build_model(self.in_channels_, size, mean.tolist(), std.tolist())
         self.model_.to(self.device)
         self.history_ = []
-        self._train_stage1(normal_x, anomaly_x, on_epoch_end, resume)
+        self._train_stage1(training, len(normal), on_epoch_end, resume)
         if self.semi_supervised_:
-            self._train_classifiers(normal_x, anomaly_x)
-        train_scores, train_maps = self._scores_and_maps(torch.cat([normal_x, anomaly_x]))
+            self._train_classifiers(training, len(normal))
+        train_scores, train_maps = self._scores_and_maps(training)
         self._fit_thresholds(train_scores, train_maps)
         self._log(f"fitted in {time.perf_counter() - start:.1f} s")
         return self
 
-    def _train_stage1(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor, on_epoch_end=None, resume=None) -> None:
+    def _working_loader(self, images: Dataset, batch_size: int, *, drop_last: bool = False,
+                        split_over_ranks: bool = False):
+        """An :class:`~pyanomaly.data._sources.EpochLoader` of ``images`` resized to the working size
+        by the DataLoader workers (``split_over_ranks``: this rank's slice of each batch)."""
+        return self._epoch_loader(images, _WorkingSize(self.fit_size_), seed=0, batch_size=batch_size,
+                                  drop_last=drop_last, collate=_stack_pixels, split_over_ranks=split_over_ranks)
+
+    def _on_device(self, batches):
+        """The loader's uint8 or float batches as float (B, C, H, W) in [0, 1] on the device."""
+        for batch in batches:
+            batch = batch.to(self.device, non_blocking=True)
+            yield batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch
+
+    def _working_batches(self, images: Dataset, batch_size: int):
+        """Every image of ``images`` in turn, as float batches at the working size on the device."""
+        return self._on_device(self._working_loader(images, batch_size).epoch(0, range(len(images))))
+
+    def _pixel_statistics(self, images: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and (unbiased) std of the images' pixels at the working size, std >= 1e-3."""
+        total = squares = None
+        count = 0
+        for batch in self._working_batches(images, self.eval_batch_size):
+            x = batch.double().transpose(0, 1).reshape(batch.shape[1], -1)
+            total = x.sum(1) if total is None else total + x.sum(1)
+            squares = (x * x).sum(1) if squares is None else squares + (x * x).sum(1)
+            count += x.shape[1]
+        mean = total / count
+        var = ((squares - count * mean * mean) / max(1, count - 1)).clamp(min=0)
+        return mean.float().cpu(), var.sqrt().float().clamp(min=1e-3).cpu()
+
+    def _train_stage1(self, images: Dataset, n_normal: int, on_epoch_end=None, resume=None) -> None:
+        """Stage 1 on ``images`` (the first ``n_normal`` normal, the rest labelled anomalies)."""
         model = self.model_
-        images = torch.cat([normal_x, anomaly_x])
-        is_normal = torch.cat(
-            [torch.ones(len(normal_x), dtype=torch.bool), torch.zeros(len(anomaly_x), dtype=torch.bool)]
-        )
-        n = images.shape[0]
+        n = len(images)
+        is_normal = torch.arange(n) < n_normal
+        rank, ranks = self._global_batch()
+        if ranks > 1 and n < self.batch_size:
+            raise ValueError(f"{n} training images do not fill one global batch of {self.batch_size} over {ranks} ranks")
         batch_size = min(self.batch_size, n)
         steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch (BatchNorm, negatives)
+        local = batch_size // ranks
+        part = (rank * local, batch_size) if ranks > 1 else None  # this rank's rows of each global batch
         total_steps = steps_per_epoch * self.epochs
         params = [
             p
@@ -358,6 +429,10 @@ class AnoMem(Detector):
         gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         config = AugmentConfig(**self.augment)
         model.train()
+        if ranks > 1:
+            use_global_batchnorm(model)
+        loss_of = self._data_parallel(model, functools.partial(self._stage1_loss, config=config, generator=gen, part=part))
+        loader = self._working_loader(images, batch_size, drop_last=True, split_over_ranks=True)
         bar = progress(self.epochs * steps_per_epoch, "anomem fit", self.verbose)
         first = 0
         if resume is not None:
@@ -376,26 +451,9 @@ class AnoMem(Detector):
             order = torch.randperm(n, generator=cpu_gen)
             sums = {"loss": 0.0, "contrastive": 0.0, "variance": 0.0}
             lr = optimizer.param_groups[0]["lr"]
-            for step in range(steps_per_epoch):
-                index = order[step * batch_size : (step + 1) * batch_size]
-                x = images[index].to(self.device, non_blocking=True)
-                normal_mask = is_normal[index].to(self.device)
-                first, first_crop = simclr_view(x, config, gen)
-                second, second_crop = simclr_view(x, config, gen)
-                with self._autocast():
-                    loss, parts = model.contrastive_loss(
-                        first,
-                        first_crop,
-                        second,
-                        second_crop,
-                        normal_mask,
-                        sampling_ratios=self.sampling_ratios,
-                        scale_weights=self.weights_,
-                        temperature=self.temperature,
-                        variance_weight=self.variance_weight,
-                        generator=gen,
-                        negatives=self.negatives,
-                    )
+            for step, x in enumerate(self._on_device(loader.epoch(epoch, order.tolist()))):
+                start = step * batch_size + rank * local
+                loss, parts = loss_of(x, is_normal[order[start : start + local]].to(self.device))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"stage-1 loss became {float(loss)} at epoch {epoch}; lower lr (now {self.lr})"
@@ -404,9 +462,9 @@ class AnoMem(Detector):
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                sums["loss"] += float(loss.detach())
-                sums["contrastive"] += parts["contrastive"]
-                sums["variance"] += parts["variance"]
+                sums["loss"] += distributed.mean_over_ranks(float(loss.detach()))
+                sums["contrastive"] += distributed.mean_over_ranks(parts["contrastive"])
+                sums["variance"] += distributed.mean_over_ranks(parts["variance"])
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch}/{self.epochs}", loss=f"{float(loss.detach()):.4f}", refresh=False)
             record = {"stage": 1, "epoch": epoch, "lr": lr, "seconds": time.perf_counter() - tick}
@@ -426,9 +484,26 @@ class AnoMem(Detector):
                 on_epoch_end(self, record)
                 model.train()
         bar.close()
+        if ranks > 1:
+            use_plain_batchnorm(model)
+
+    def _stage1_loss(self, x: torch.Tensor, normal_mask: torch.Tensor, *, config: AugmentConfig,
+                     generator: torch.Generator, part: tuple[int, int] | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """float (B, C, H, W) training images (this rank's ``part`` of the global batch) -> the
+        multi-scale contrasted memory loss of two augmented views (Eq. 7) and its parts."""
+        if self.distribution_augmentation == "rot90":
+            x = random_quarter_turns(x, generator, part)
+        view1, crop1 = simclr_view(x, config, generator, part)
+        view2, crop2 = simclr_view(x, config, generator, part)
+        with self._autocast():
+            return self.model_.contrastive_loss(
+                view1, crop1, view2, crop2, normal_mask, sampling_ratios=self.sampling_ratios,
+                scale_weights=self.weights_, temperature=self.temperature, variance_weight=self.variance_weight,
+                generator=generator, negatives=self.negatives, part=part,
+            )
 
     @torch.no_grad()
-    def _pooled_deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _pooled_deviations(self, images: torch.Tensor | Dataset) -> list[torch.Tensor]:
         """Per scale, the deviation maps average-pooled to ``classifier_pool`` (N, C_s, p, p), on device."""
         chunks: list[list[torch.Tensor]] = [[] for _ in self.scales]
         for _, deviations in self._deviation_batches(images):
@@ -436,7 +511,7 @@ class AnoMem(Detector):
                 chunks[s].append(F.adaptive_avg_pool2d(d.float(), self.classifier_pool))
         return [torch.cat(c) for c in chunks]
 
-    def _train_classifiers(self, normal_x: torch.Tensor, anomaly_x: torch.Tensor) -> None:
+    def _train_classifiers(self, images: Dataset, n_normal: int) -> None:
         """Stage 2, semi-supervised: the scale classifiers on frozen deviation maps (Eq. 10-12).
 
         The encoder and memories are frozen, so the pooled deviation maps are computed once (pooling
@@ -444,10 +519,8 @@ class AnoMem(Detector):
         averaged separately and added (the anomalies are a small minority).
         """
         model = self.model_
-        inputs = self._pooled_deviations(torch.cat([normal_x, anomaly_x]))
-        labels = torch.cat(
-            [torch.zeros(len(normal_x), dtype=torch.bool), torch.ones(len(anomaly_x), dtype=torch.bool)]
-        ).to(self.device)
+        inputs = self._pooled_deviations(images)
+        labels = (torch.arange(len(images)) >= n_normal).to(self.device)
         n = labels.shape[0]
         batch_size = min(self.batch_size, n)
         steps_per_epoch = max(1, math.ceil(n / batch_size))
@@ -499,14 +572,19 @@ class AnoMem(Detector):
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _deviation_batches(self, images: torch.Tensor):
-        """Yields (batch on the device, its per-scale deviation maps), ``eval_batch_size`` at a time."""
+    def _deviation_batches(self, images: torch.Tensor | Dataset):
+        """Yields (batch on the device, its per-scale deviation maps), ``eval_batch_size`` at a time,
+        of float (N, C, H, W) images at the working size or a dataset of training images."""
         model = self.model_
         model.eval()
-        many = images.shape[0] > self.eval_batch_size
-        with progress(images.shape[0], "anomem score", self.verbose and many, "image") as bar:
-            for start in range(0, images.shape[0], self.eval_batch_size):
-                batch = images[start : start + self.eval_batch_size].to(self.device)
+        if isinstance(images, torch.Tensor):
+            batches = (images[i : i + self.eval_batch_size].to(self.device)
+                       for i in range(0, images.shape[0], self.eval_batch_size))
+        else:
+            batches = self._working_batches(images, self.eval_batch_size)
+        many = len(images) > self.eval_batch_size
+        with progress(len(images), "anomem score", self.verbose and many, "image") as bar:
+            for batch in batches:
                 with self._autocast():
                     yield batch, model.deviations(batch)
                 bar.update(batch.shape[0])
@@ -568,8 +646,9 @@ class AnoMem(Detector):
         return scores, out
 
     @torch.no_grad()
-    def _scores_and_maps(self, x: torch.Tensor) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """Scores (N,) and the (H, W) maps at the working size of float (N, C, H, W) images, one pass."""
+    def _scores_and_maps(self, x: torch.Tensor | Dataset) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """Scores (N,) and the (H, W) maps at the working size of float (N, C, H, W) images (or a
+        dataset of training images), one pass."""
         scale_scores, maps = [], []
         for batch, deviations in self._deviation_batches(x):
             scale_scores.append(self._scores_of(deviations).cpu())
@@ -674,3 +753,23 @@ def _stack_float(images: list[torch.Tensor], size: tuple[int, int] | None) -> to
             image = image.clamp_(0, 1)
         out.append(image)
     return torch.stack(out).contiguous()
+
+
+class _WorkingSize:
+    """A (C, H, W) uint8 or float image -> the same dtype at ``size`` (:func:`_stack_float`'s
+    resize); runs in the DataLoader workers."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if image.dtype == torch.uint8:
+            return stack_resized([image], self.size)[0]
+        return _stack_float([image], self.size)[0]
+
+
+def _stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack :class:`_WorkingSize` outputs: uint8 when all are, else float in [0, 1]."""
+    if all(image.dtype == torch.uint8 for image in images):
+        return torch.stack(images)
+    return torch.stack([image.float() / 255.0 if image.dtype == torch.uint8 else image for image in images])

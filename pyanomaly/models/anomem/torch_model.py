@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyanomaly.distributed import gather_rows, world
 from pyanomaly.models.anomem.augment import CropParams, matching_points
 from pyanomaly.nn.hopfield import HopfieldMemory
 from pyanomaly.nn.resnet import ResNet, resnet18, resnet50
@@ -42,19 +43,31 @@ def nt_xent(
             positions of the same image are not used as negatives. None = every other row is a
             negative (plain SimCLR).
 
+    In distributed training ``first`` / ``second`` are this rank's rows of the global batch: its
+    2N anchors are contrasted against the rows of every rank (:func:`pyanomaly.distributed.gather_rows`),
+    ``groups`` holding global image ids.
+
     Returns:
         Scalar loss, the mean over the 2N anchors.
     """
     n = first.shape[0]
     z = F.normalize(torch.cat([first, second]).float(), dim=-1)
-    logits = z @ z.T / temperature
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    # distributed: this rank's anchors against every rank's vectors (gathered with their gradients)
+    all_first, offset = gather_rows(first)
+    total = all_first.shape[0]
+    candidates = z if total == n else F.normalize(torch.cat([all_first, gather_rows(second)[0]]).float(), dim=-1)
+    logits = z @ candidates.T / temperature
+    rows = torch.arange(offset, offset + n, device=z.device)
+    own = torch.cat([rows, rows + total])
+    targets = torch.cat([rows + total, rows])
+    anchors = torch.arange(2 * n, device=z.device)
     if groups is None:
-        logits = logits.fill_diagonal_(float("-inf"))
+        logits = logits.index_put((anchors, own), logits.new_tensor(float("-inf")))
     else:
-        both = torch.cat([groups, groups]).to(z.device)
-        excluded = both[:, None] == both[None, :]
-        excluded[torch.arange(2 * n, device=z.device), targets] = False
+        all_groups = groups if total == n else gather_rows(groups.to(z.device))[0]
+        both, all_both = torch.cat([groups, groups]).to(z.device), torch.cat([all_groups, all_groups]).to(z.device)
+        excluded = both[:, None] == all_both[None, :]
+        excluded[anchors, targets] = False
         logits = logits.masked_fill(excluded, float("-inf"))
     return F.cross_entropy(logits, targets)
 
@@ -213,6 +226,7 @@ class AnoMemModel(nn.Module):
         variance_weight: float,
         generator: torch.Generator,
         negatives: str = "all",
+        part: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Multi-scale contrasted memory loss (Eq. 7) on a two-view batch.
 
@@ -229,6 +243,9 @@ class AnoMemModel(nn.Module):
             is_normal: (B,) bool; memory is applied to normal images only.
             negatives: "other_images" (vectors of other images only are negatives) or "all"
                 (every other sampled vector of the batch, the same image's other positions too).
+            part: (first row, total rows) of this batch in the global batch (distributed training):
+                points are drawn for the whole global batch and sliced, NT-Xent contrasts against
+                every rank's vectors and the variance loss spans every rank's recollections.
 
         Returns:
             (total loss, {"contrastive": ..., "variance": ...} weighted sums as floats).
@@ -241,18 +258,19 @@ class AnoMemModel(nn.Module):
             for s, fmap in enumerate(maps):
                 h, w = fmap.shape[-2:]
                 count = max(1, math.ceil(sampling_ratios[s] * h * w))
-                p1, p2 = matching_points(first_crop, second_crop, count, generator)
+                p1, p2 = matching_points(first_crop, second_crop, count, generator, part)
                 v1 = _sample(fmap[:batch], p1)  # (B * count, C)
                 v2 = _sample(fmap[batch:], p2)
                 memory = self.memories[s]
                 q1 = memory.states(v1)
                 q2 = memory.states(v2)
                 normal_rows = is_normal.repeat_interleave(count)
-                source_image = torch.arange(batch, device=first.device).repeat_interleave(count)
-                if bool(normal_rows.any()):
+                first_image = part[0] if part is not None else 0
+                source_image = torch.arange(first_image, first_image + batch, device=first.device).repeat_interleave(count)
+                if bool(normal_rows.any()) or world()[1] > 1:  # every rank joins the gather
                     recalled, _ = memory.retrieve(q1[normal_rows])
                     q1 = q1.float().index_put((normal_rows.nonzero().squeeze(1),), recalled.float())
-                    var = variance_loss(recalled)
+                    var = variance_loss(gather_rows(recalled)[0])
                 else:
                     var = total.new_zeros(())
                 projector = self.projectors[s]

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pyanomaly import distributed
 from pyanomaly._progress import logger, progress
 from pyanomaly.data import as_images, stack_resized
+from pyanomaly.data._sources import ImageSource
 from pyanomaly.models._precision import check_precision, encoder_autocast, resolve_precision
 from pyanomaly.models.base import Detector, resolve_device
 from pyanomaly.models.cpcad.torch_model import CREDITS, DIRECTIONS, CPCADModel, windows_from_grid, windows_to_grid
@@ -76,6 +78,11 @@ class CPCAD(Detector):
     Every size is an argument; the defaults are the paper's setting, and where the paper lost a
     number the source of the default is given. "GIM" is Greedy InfoMax (loeweX/Greedy_InfoMax),
     the paper's lineage code; "lineage notes" is ``shared/papers/lineage-notes.md``.
+
+    Distributed training (``torchrun``, see :mod:`pyanomaly.distributed`): ``batch_size`` is the
+    global batch, split evenly over the ranks (the ragged last batch is dropped); every InfoNCE
+    query draws its in-batch negatives from the W_k-transformed targets of the whole global batch
+    (gathered with their gradients), so N ranks train as one process with the same global batch.
 
     Args:
         image_size: side the (grayscale) images are resized to (paper: 768).
@@ -141,6 +148,11 @@ class CPCAD(Detector):
             ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and ends with
             the same parameters as an uninterrupted fit (seeded, CPU).
         checkpoint_dir: folder for ``cpcad-checkpoint.pt`` (written atomically).
+        num_workers: DataLoader worker processes that read, crop, flip and resize the training
+            images (0 = in the training process). Each image's crop and flip come from its own
+            generator seeded by (seed, epoch, image), so a seeded fit is the same with any number.
+        cache_images: training images given as files: True keeps them decoded (uint8) in memory,
+            False reads them from disk every epoch, "auto" (default) caches up to 1 GiB of pixels.
         activation_checkpointing: recompute each residual block's activations in the backward
             (``torch.utils.checkpoint``) instead of storing them: much less training memory at the
             paper's size for one extra encoder forward (bench/bench_memory.py). Exact (no
@@ -238,6 +250,8 @@ class CPCAD(Detector):
         score_batch_size: int = 4,
         checkpoint_every: int = 0,
         checkpoint_dir: str | None = None,
+        num_workers: int = 0,
+        cache_images: bool | str = "auto",
         activation_checkpointing: bool = False,
         contamination: float = 0.1,
         seed: int | None = 0,
@@ -333,6 +347,7 @@ class CPCAD(Detector):
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
         self.score_norm, self.anomaly_score = score_norm, anomaly_score
         self._set_checkpointing(checkpoint_every, checkpoint_dir)
+        self._set_data_loading(num_workers, cache_images)
         self.activation_checkpointing = bool(activation_checkpointing)
         for name, value in (("lr", lr), ("mean", mean), ("std", std), ("crop_fraction", crop_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -463,21 +478,32 @@ class CPCAD(Detector):
             resume: a checkpoint (file, or the ``checkpoint_dir`` holding one) of a fit with the same
                 settings and data to continue from.
         """
-        images = _normal_only(self._images(data, "data"), y)
+        images = _normal_only(self._training_source(data, "data", mode="gray", min_size=self.sub_size), y)
+        _, ranks = self._global_batch()
+        self.device = distributed.rank_device(self.device)
         gen = torch.Generator().manual_seed(
             self.seed if self.seed is not None else int(torch.randint(2**62, (1,)))
         )
         neg_seed = int(torch.randint(2**62, (1,), generator=gen))
         neg_gen = torch.Generator(device=self.device).manual_seed(neg_seed)
+        view_seed = int(torch.randint(2**62, (1,), generator=gen))
         self.model_ = self._build_model()
         self.model_.train()
         optimizer = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
         n = len(images)
-        steps = math.ceil(n / self.batch_size)
+        steps = math.ceil(n / self.batch_size) if ranks == 1 else n // self.batch_size  # every rank steps together
+        if steps == 0:
+            raise ValueError(f"{n} training images do not fill one global batch of {self.batch_size} over {ranks} ranks")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(self.lr_schedule, steps * self.warmup_epochs, steps * self.epochs)
         )
-        resized = self._resize(images) if self.crop_fraction == 1.0 else None
+        view = _TrainingView(self.crop_fraction, self.aspect, self.image_size, self.hflip)
+        views = images
+        if self.crop_fraction == 1.0 and images.cached:  # the same square image every epoch: resize once
+            views = ImageSource(list(self._resize(list(images)).cpu()))
+        loader = self._epoch_loader(views, view, seed=view_seed, batch_size=self.batch_size, drop_last=ranks > 1,
+                                    collate=_collate_views, split_over_ranks=True)
+        objective_of = self._data_parallel(self.model_, self._training_objective)
         self.history_, first = [], 0
         if resume is not None:
             state = self._read_checkpoint(resume)
@@ -495,14 +521,10 @@ class CPCAD(Detector):
         for epoch in range(first, self.epochs):
             order = torch.randperm(n, generator=gen).tolist()
             total, seen = 0.0, 0
-            for step in range(steps):
-                index = order[step * self.batch_size : (step + 1) * self.batch_size]
-                batch = resized[index] if resized is not None else self._resize(
-                    [self._random_crop(images[i], gen) for i in index]
-                )
-                flip = (torch.rand(len(index), generator=gen) < 0.5).to(self.device) if self.hflip else None
-                windows = self._windows(batch, flip)
-                _, _, objective = self.model_(windows, num_negatives=self.num_negatives, generator=neg_gen)
+            for batch, flip in loader.epoch(epoch, order):
+                batch = batch.to(self.device, non_blocking=True)
+                flip = flip.to(self.device, non_blocking=True) if self.hflip else None
+                objective = objective_of(batch, flip, neg_gen)
                 if not torch.isfinite(objective):
                     raise FloatingPointError(
                         f"training loss became {float(objective)} at epoch {epoch + 1}; lower lr (now {self.lr})"
@@ -512,8 +534,8 @@ class CPCAD(Detector):
                 objective.backward()
                 optimizer.step()
                 schedule.step()
-                total += float(objective.detach()) * len(index)
-                seen += len(index)
+                total += distributed.mean_over_ranks(float(objective.detach())) * len(batch)
+                seen += len(batch)
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{self.epochs}", loss=f"{total / seen:.4f}", refresh=False)
             self.history_.append(total / seen)
@@ -534,11 +556,17 @@ class CPCAD(Detector):
         if self.score_norm == "position":
             self.score_stats_ = {name: position_stats(grid) for name, grid in components.items()}
         train_grid = self._normalized(components)
-        sizes = [tuple(x.shape[1:]) for x in images]
+        sizes = images.sizes
         scale = [self.image_size / max(size) for size in sizes]  # maps at the working size, not full size
         small = [(max(1, round(h * f)), max(1, round(w * f))) for (h, w), f in zip(sizes, scale)]
         self._fit_thresholds(self.image_scores_from(train_grid, sizes), self.maps_from(train_grid, small))
         return self
+
+    def _training_objective(self, batch: torch.Tensor, flip: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """uint8 (B, 1, S, S) training crops (and which to mirror) -> the InfoNCE objective (), with
+        negatives drawn by ``generator`` from the batch's targets (the global batch's when distributed)."""
+        windows = self._windows(batch, flip)
+        return self.model_(windows, num_negatives=self.num_negatives, generator=generator)[2]
 
     @torch.no_grad()
     def scores_now(self, train_images: Any, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,15 +581,6 @@ class CPCAD(Detector):
             return self._subpatch_scores(train_list), self._subpatch_scores(image_list)
         finally:
             self.banks_, self.bank_owners_ = kept
-
-    def _random_crop(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.crop_fraction == 1.0:
-            return image
-        h, w = image.shape[1:]
-        ch, cw = max(1, round(h * self.crop_fraction)), max(1, round(w * self.crop_fraction))
-        top = int(torch.randint(h - ch + 1, (1,), generator=gen))
-        left = int(torch.randint(w - cw + 1, (1,), generator=gen))
-        return image[:, top : top + ch, left : left + cw]
 
     @torch.no_grad()
     def _build_banks(self, images: list[torch.Tensor], gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -757,14 +776,39 @@ class CPCAD(Detector):
         return self.image_scores_from(grid, [tuple(x.shape[1:]) for x in image_list])
 
 
-def _normal_only(images: list[torch.Tensor], y: Any) -> list[torch.Tensor]:
+def _normal_only(images: ImageSource, y: Any) -> ImageSource:
     """The images whose label in ``y`` is 0 (all of them when ``y`` is None)."""
     if y is None:
         return images
     labels = np.asarray(y).ravel()
     if labels.shape != (len(images),) or not np.isin(labels, (0, 1)).all():
         raise ValueError(f"y must be {len(images)} labels of 0 (normal) or 1 (anomalous), got shape {np.shape(y)}")
-    kept = [image for image, label in zip(images, labels) if label == 0]
-    if not kept:
+    if not (labels == 0).any():
         raise ValueError("y marks every image anomalous; CPC-AD trains on normal images (label 0)")
-    return kept
+    return images.subset(np.flatnonzero(labels == 0).tolist())
+
+
+class _TrainingView:
+    """One training image -> (uint8 (1, S, S): a random ``crop_fraction`` crop, padded square with
+    ``aspect="pad"``, resized to S; whether to mirror it), every draw from ``generator``. Runs in
+    the DataLoader workers."""
+
+    def __init__(self, crop_fraction: float, aspect: str, image_size: int, hflip: bool) -> None:
+        self.crop_fraction, self.aspect, self.image_size, self.hflip = crop_fraction, aspect, image_size, hflip
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
+        if self.crop_fraction < 1.0:
+            h, w = image.shape[1:]
+            ch, cw = max(1, round(h * self.crop_fraction)), max(1, round(w * self.crop_fraction))
+            top = int(torch.randint(h - ch + 1, (1,), generator=generator))
+            left = int(torch.randint(w - cw + 1, (1,), generator=generator))
+            image = image[:, top : top + ch, left : left + cw]
+        if self.aspect == "pad":
+            image = _pad_square(image)
+        flip = self.hflip and bool(torch.rand((), generator=generator) < 0.5)
+        return stack_resized([image], self.image_size)[0], flip
+
+
+def _collate_views(samples: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 (B, 1, S, S), bool (B,)) from :class:`_TrainingView` samples."""
+    return torch.stack([image for image, _ in samples]), torch.tensor([flip for _, flip in samples], dtype=torch.bool)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyanomaly.distributed import gather_rows
 from pyanomaly.nn.preact_resnet import PreActResNetEncoder
 from pyanomaly.ops import infonce, sample_negatives
 
@@ -178,15 +179,21 @@ class CPCADModel(nn.Module):
             w_k = self.predictors[direction_index][k - 1]
             queries = z[:, :rows].reshape(-1, dim)
             positives = w_k(z[:, k + 1 :]).reshape(-1, dim)
-            # training: GIM draws from the W_k-transformed targets of all windows in the batch
-            bank_k = positives if bank is None else w_k(bank.float())
+            # training: GIM draws from the W_k-transformed targets of all windows in the batch (the
+            # global batch when distributed: every rank's targets, gathered with their gradients;
+            # each rank draws the whole batch's negatives with the same generator and keeps its rows)
+            first_query = 0
+            if bank is None:
+                bank_k, first_query = gather_rows(positives)
+            else:
+                bank_k = w_k(bank.float())
             total = None
             for draw in range(draws):
                 if negatives is None:
                     neg_idx = sample_negatives(
-                        queries.shape[0], num_negatives, bank_k.shape[0], generator=generator,
-                        device=queries.device,
-                    )
+                        bank_k.shape[0] if bank is None else queries.shape[0], num_negatives, bank_k.shape[0],
+                        generator=generator, device=queries.device,
+                    )[first_query : first_query + queries.shape[0]]
                 else:
                     fixed = negatives[k - 1][draw]  # (Q, K) for one image: the same for each
                     neg_idx = fixed.unsqueeze(0).expand(queries.shape[0] // fixed.shape[0], -1, -1).reshape(-1, fixed.shape[1])
