@@ -12,6 +12,18 @@ normal, the nine others anomalous). One fit per (class, budget); at the listed e
 and, once per class, the no-learning floor ``pixel_knn``: 5-NN cosine distance on raw pixels, each
 image centred on its own mean. One JSON line per evaluation, appended to ``--out`` as it is measured, with wall times.
 
+Variants:
+
+- ``--plain-simclr``: the same training with the memory left out of the loss (branch 1 keeps the
+  features instead of their recollection; no variance loss): SimCLR on the same sampled positions
+  at both scales. The kNN columns are then plain SimCLR's; the memory score is of untrained memories.
+- ``--gamma G``: semi-supervised, ``round(G / (1 - G) * 5000)`` labelled anomalies drawn uniformly
+  from the other nine classes' training images (``pyanomaly.protocols.one_vs_all``'s rule); the
+  ``final`` row is the stage-2 classifiers' score after the fit.
+- ``--ood-root R``: out of distribution: the listed classes together are the normal data, their
+  test images the normal test set, and every test image of the class folders under ``R`` (e.g.
+  magnetic_tile's, gray, resized to 32 px) the anomalies.
+
     python results/anomem_curves.py --data /tmp/cifar10 --classes airplane --epochs 10 --eval-at 2,5,10
 """
 
@@ -32,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anomem_diagnostics import auroc, knn_distance  # noqa: E402
 
 from pyanomaly import AnoMem  # noqa: E402
-from pyanomaly.data import ClassFolderDataset, load_image  # noqa: E402
+from pyanomaly.data import ClassFolderDataset, load_image, stack_resized  # noqa: E402
+from pyanomaly.models.anomem.torch_model import AnoMemModel  # noqa: E402
 
 
 def load_split(root: Path, split: str, cache: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -78,6 +91,23 @@ def feature_knn(detector: AnoMem, train: torch.Tensor, test: torch.Tensor) -> di
     return out
 
 
+def without_memory(model: AnoMemModel) -> None:
+    """Plain SimCLR: stage 1 treats every image as one the memory is not applied to."""
+    loss = model.contrastive_loss
+
+    def plain(first, first_crop, second, second_crop, is_normal, **kwargs):
+        return loss(first, first_crop, second, second_crop, torch.zeros_like(is_normal), **kwargs)
+
+    model.contrastive_loss = plain
+
+
+def ood_images(root: Path) -> torch.Tensor:
+    """Every image under ``root`` (any depth), as RGB uint8 (N, 3, 32, 32)."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    paths = [p for p in paths if "ground_truth" not in p.parts]
+    return stack_resized([load_image(p, grayscale=False) for p in paths], 32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 as <root>/<split>/<class>/*.jpg")
@@ -90,6 +120,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", default="{}", help="JSON of further AnoMem arguments")
+    parser.add_argument("--plain-simclr", action="store_true", help="leave the memory out of the stage-1 loss")
+    parser.add_argument("--gamma", type=float, default=0.0, help="semi-supervised anomaly ratio")
+    parser.add_argument("--ood-root", type=Path, help="out-of-distribution test images (the classes are the normal set)")
     parser.add_argument("--out", type=Path, default=Path("results/anomem_curves.jsonl"))
     args = parser.parse_args()
     train_all, train_labels, classes = load_split(args.data, "train", args.cache)
@@ -103,11 +136,27 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    for name in args.classes.split(","):
-        c = classes.index(name)
-        train = train_all[torch.from_numpy(train_labels == c)]
-        is_anomaly = (test_labels != c).astype(np.int64)
-        write({"class": name, "kind": "floor", "pixel_knn": auroc(is_anomaly, pixel_knn(train, test))})
+    groups = [args.classes.split(",")] if args.ood_root else [[c] for c in args.classes.split(",")]
+    if args.ood_root:
+        outliers = ood_images(args.ood_root)
+    for group in groups:
+        name = "+".join(group)
+        normal_train = np.isin(train_labels, [classes.index(c) for c in group])
+        train = train_all[torch.from_numpy(normal_train)]
+        if args.ood_root:
+            inliers = test[torch.from_numpy(np.isin(test_labels, [classes.index(c) for c in group]))]
+            scored = torch.cat([inliers, outliers])
+            is_anomaly = np.r_[np.zeros(len(inliers)), np.ones(len(outliers))].astype(np.int64)
+        else:
+            scored, is_anomaly = test, (~np.isin(test_labels, [classes.index(c) for c in group])).astype(np.int64)
+        variant = {"plain_simclr": args.plain_simclr, "gamma": args.gamma,
+                   "ood": str(args.ood_root) if args.ood_root else None}
+        write({"class": name, "kind": "floor", **variant, "pixel_knn": auroc(is_anomaly, pixel_knn(train, scored))})
+        anomalies = None
+        if args.gamma > 0:
+            pool = np.flatnonzero(~normal_train)
+            count = max(1, int(round(args.gamma / (1 - args.gamma) * len(train))))
+            anomalies = train_all[np.sort(np.random.default_rng(args.seed).choice(pool, count, replace=False))]
         config = dict(backbone="resnet18", width=args.width, small_input=True, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, **extra)
         start = time.perf_counter()
@@ -117,15 +166,30 @@ def main() -> None:
             if record["epoch"] not in eval_at:
                 return
             tick = time.perf_counter()
-            row = {"class": name, "kind": "anomem", "epoch": record["epoch"], "config": config,
+            row = {"class": name, "kind": "anomem", **variant, "epoch": record["epoch"], "config": config,
                    "fit_s": round(tick - start - spent["eval_s"], 1), "loss": round(record["loss"], 4),
-                   "memory": auroc(is_anomaly, detector.scores_now(test))}
-            row.update({k: auroc(is_anomaly, v) for k, v in feature_knn(detector, train, test).items()})
+                   # a semi-supervised fit scores with its classifiers, untrained until stage 2
+                   "memory": None if args.gamma > 0 else auroc(is_anomaly, detector.scores_now(scored))}
+            row.update({k: auroc(is_anomaly, v) for k, v in feature_knn(detector, train, scored).items()})
             spent["eval_s"] += time.perf_counter() - tick
             row["eval_s"] = round(time.perf_counter() - tick, 1)
             write(row)
 
-        AnoMem(**config).fit(train, on_epoch_end=on_epoch_end)
+        detector = AnoMem(**config)
+        if args.plain_simclr:
+            build = detector._build_model
+
+            def build_plain(*a, **k):
+                model = build(*a, **k)
+                without_memory(model)
+                return model
+
+            detector._build_model = build_plain
+        detector.fit(train, anomalies=anomalies, on_epoch_end=on_epoch_end)
+        if args.gamma > 0:
+            write({"class": name, "kind": "final", **variant, "config": config, "n_anomalies": len(anomalies),
+                   "fit_s": round(time.perf_counter() - start - spent["eval_s"], 1),
+                   "score": auroc(is_anomaly, detector.decision_function(scored))})
 
 
 if __name__ == "__main__":

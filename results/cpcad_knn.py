@@ -59,8 +59,10 @@ def main() -> None:
     parser.add_argument("--set", default="magnetic_tile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", help="a saved model.pt to score instead of fitting (its path is reused to save)")
+    parser.add_argument("--override", default="{}", help='JSON of preset overrides, e.g. {"image_size": 256}')
     parser.add_argument("--out", default="results/cpcad_knn.jsonl")
     args = parser.parse_args()
+    overrides = json.loads(args.override)
     train = MVTecDataset(args.root, args.set, "train")
     test = MVTecDataset(args.root, args.set, "test")
     train_images = [train[i].image for i in range(len(train))]
@@ -69,12 +71,13 @@ def main() -> None:
     if args.model and os.path.exists(args.model):
         detector, fit_s = CPCAD.load(args.model, device="cpu"), None
     else:
-        detector = CPCAD.preset("cpu", anomaly_score="combined", seed=args.seed, verbose=False, device="cpu")
+        detector = CPCAD.preset("cpu", **{"anomaly_score": "combined", "seed": args.seed, "verbose": False,
+                                          "device": "cpu", **overrides})
         detector.fit(train_images)
         fit_s = round(time.perf_counter() - tick, 1)
         if args.model:
             detector.save(args.model)
-    record = {"set": args.set, "seed": args.seed, "fit_s": fit_s, "threads": torch.get_num_threads(),
+    record = {"set": args.set, "seed": args.seed, "overrides": overrides, "fit_s": fit_s, "threads": torch.get_num_threads(),
               "load": os.getloadavg()[0], "bank_size": detector.bank_size}
     tick = time.perf_counter()
     for kind in ("infonce", "knn", "combined"):
