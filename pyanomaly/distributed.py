@@ -29,25 +29,30 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "GlobalBatchNorm2d", "all_reduce_sum", "broadcast_object", "gather_rows", "init_from_env", "is_main", "local_fits", "mean_over_ranks", "merge_dicts",
-    "rank_device", "shutdown", "use_global_batchnorm", "use_plain_batchnorm", "world",
+    "GlobalBatchNorm2d", "all_reduce_sum", "broadcast_object", "gather_rows", "init_from_env", "is_main", "local_fits",
+    "mean_over_ranks", "merge_dicts", "rank_device", "shutdown", "use_global_batchnorm", "use_plain_batchnorm", "world",
 ]
 
 _local_depth = 0
 _owned_group = False  # whether init_from_env created the default group (shutdown destroys it)
 
 
+def _group_size() -> int:
+    """Ranks in the default process group (1 when there is none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the training in progress: (0, 1) unless a process group with more than
     one rank is initialised and we are not inside :func:`local_fits`."""
-    if _local_depth or not (dist.is_available() and dist.is_initialized()):
+    if _local_depth or _group_size() == 1:
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
 
 def is_main() -> bool:
     """Whether this process writes files: rank 0 (or not distributed at all)."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return _group_size() == 1 or dist.get_rank() == 0
 
 
 @contextlib.contextmanager
@@ -88,7 +93,7 @@ def shutdown() -> None:
 
 def broadcast_object(value):
     """Rank 0's ``value`` on every rank (``value`` itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -97,7 +102,7 @@ def broadcast_object(value):
 
 def merge_dicts(part: dict) -> dict:
     """The union of every rank's ``part`` (disjoint keys), on every rank; ``part`` when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return part
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)

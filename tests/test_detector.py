@@ -426,3 +426,8 @@ def test_folder_datasets_are_read_from_their_files(data):
     assert torch.equal(lazy[3], train[3].image)
     colour = ImageSource(FolderDataset(data[0] / "synthetic" / "train" / "good", grayscale=False), "data", cache=True)
     assert colour.cached and colour[0].shape[0] == 3
+
+
+def test_cache_images_takes_the_command_line_text():
+    assert CPCAD(**{**CPCAD_TINY, "cache_images": "false"}).cache_images is False
+    assert AnoMem(**{**ANOMEM_TINY, "cache_images": "True"}).cache_images is True

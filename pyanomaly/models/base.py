@@ -429,6 +429,8 @@ class Detector:
         """Validate and store the two training-data arguments both detectors take."""
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if isinstance(cache_images, str) and cache_images.lower() in ("true", "false"):  # the CLI's text
+            cache_images = cache_images.lower() == "true"
         if cache_images not in (True, False, "auto"):
             raise ValueError(f"cache_images must be True, False or 'auto', got {cache_images!r}")
         self.num_workers, self.cache_images = num_workers, cache_images
