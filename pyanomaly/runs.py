@@ -249,7 +249,7 @@ def fit_run(method: str, out: str | os.PathLike, config: dict[str, Any], *, data
     if main:
         try:
             lock = claim_run_folder(out, overwrite=overwrite, resume=resume)
-        except RunError as exc:
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other ranks heard of it
             refused = exc
     refusal = distributed.broadcast_object(None if refused is None else str(refused))
     if refusal is not None:

@@ -159,12 +159,11 @@ class _EpochOrder:
 
     def set(self, epoch: int, order: Sequence[int], batch_size: int, drop_last: bool) -> None:
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        per_rank = batch_size // self.size
-        self.batches = [
-            [(epoch, int(i)) for i in order[start : min(start + batch_size, stop)][self.rank * per_rank : (self.rank + 1) * per_rank]]
-            if self.size > 1 else [(epoch, int(i)) for i in order[start : min(start + batch_size, stop)]]
-            for start in range(0, stop, batch_size)
-        ]
+        batches = [order[start : min(start + batch_size, stop)] for start in range(0, stop, batch_size)]
+        if self.size > 1:
+            per_rank = batch_size // self.size
+            batches = [batch[self.rank * per_rank : (self.rank + 1) * per_rank] for batch in batches]
+        self.batches = [[(epoch, int(i)) for i in batch] for batch in batches]
 
     def __iter__(self):
         return iter(self.batches)
