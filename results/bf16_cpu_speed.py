@@ -37,6 +37,7 @@ def step(encoder: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["cpcad", "anomem"], default="cpcad")
+    parser.add_argument("--width", type=int, default=64, help="anomem: the ResNet-18 width")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default="results/bf16_cpu_speed.jsonl")
     args = parser.parse_args()
@@ -45,8 +46,8 @@ def main() -> None:
         encoder, x = PreActResNetEncoder(1, (32, 64, 128), (1, 1, 1), (1, 2, 2), "fast"), torch.randn(3600, 1, 16, 16)
         what = "cpu-preset CPC-AD encoder fwd+bwd, 3600 x 16 px, channels_last"
     else:
-        encoder, x = resnet18(width=64, small_input=True).train(), torch.randn(128, 3, 32, 32)
-        what = "AnoMem ResNet-18 (width 64, CIFAR stem) fwd+bwd, 128 x 32 px, channels_last"
+        encoder, x = resnet18(width=args.width, small_input=True).train(), torch.randn(128, 3, 32, 32)
+        what = f"AnoMem ResNet-18 (width {args.width}, CIFAR stem) fwd+bwd, 128 x 32 px, channels_last"
     encoder = encoder.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     load_before = os.getloadavg()[0]
