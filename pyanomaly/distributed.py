@@ -51,8 +51,9 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    """Whether this process writes files: rank 0 (or not distributed at all)."""
-    return _group_size() == 1 or dist.get_rank() == 0
+    """Whether this process writes a fit's files: rank 0, any rank inside :func:`local_fits` (the fit
+    is its own), or a process that is not distributed at all."""
+    return _local_depth > 0 or _group_size() == 1 or dist.get_rank() == 0
 
 
 @contextlib.contextmanager
