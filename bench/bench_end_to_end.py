@@ -55,7 +55,23 @@ CONFIGS = {
 }
 
 
+# Issue 20/21's training shapes, fp32 (today's CPU default) against bf16 autocast of the encoders
+# (``python -m bench.bench_end_to_end --precision``): AnoMem's full-width CIFAR ResNet-18 at 32 px,
+# batch 256; CPC-AD's ``cpu`` preset geometry at 128 px, batch 16.
+PRECISION_CONFIGS = {
+    "AnoMem": {"n_images": 512, "channels": 3, "image_size": 32, "batch_size": 256, "extra_epochs": 1,
+               "model": {"backbone": "resnet18", "width": 64, "small_input": True, "eval_batch_size": 256}},
+    "CPCAD": {"n_images": 32, "channels": 1, "image_size": 128, "batch_size": 16, "extra_epochs": 2,
+              "model": {"patch_size": 64, "patch_stride": 32, "sub_size": 16, "sub_stride": 8, "stem": "fast",
+                        "widths": (32, 64, 128), "blocks": (1, 1, 1), "shared_encoder": True, "prediction_steps": 3,
+                        "test_draws": 1, "bank_size": 4096}},
+}
+PRECISIONS = ("fp32", "bf16")
+
+
 def config(model: str, scale: str) -> dict:
+    if scale in PRECISIONS:
+        return PRECISION_CONFIGS[model]
     return CONFIGS[model][scale]
 
 
@@ -70,9 +86,10 @@ def _images(cfg: dict) -> torch.Tensor:
     return torch.randint(0, 256, (cfg["n_images"], cfg["channels"], s, s), generator=gen, dtype=torch.uint8)
 
 
-def _kwargs(cfg: dict, device: str) -> dict:
+def _kwargs(cfg: dict, device: str, precision: str | None = None) -> dict:
+    extra = {} if precision is None else {"precision": precision}
     return {"batch_size": cfg["batch_size"], "image_size": cfg["image_size"], "device": device, "seed": 0,
-            "verbose": False, **cfg["model"]}
+            "verbose": False, **cfg["model"], **extra}
 
 
 class Skip(Exception):
@@ -115,7 +132,7 @@ def measure_e2e(model: str, provider: str, device: str, scale: str) -> dict:
     dev = torch.device(device)
     images = _images(cfg)
     result: dict = {"error": None, "input_bytes": images.numel()}
-    common = _kwargs(cfg, device)
+    common = _kwargs(cfg, device, scale if scale in PRECISIONS else None)
     ctx = reference_mode() if provider == "reference" else contextlib.nullcontext()
     try:
         if dev.type == "cuda":
@@ -213,3 +230,34 @@ def test_end_to_end(benchmark, e2e_case, bench_device, bench_scale):
             lambda: _fit(make_detector(model, epochs=1, **_kwargs(cfg, bench_device))[0], images),
             rounds=1, iterations=1,
         )
+
+
+def main() -> None:
+    """``--precision``: fp32 vs bf16 training steps of both detectors at issue 20/21's shapes, each in
+    its own child process, interleaved by model; writes bench/results/e2e-precision-<device>.json."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--precision", action="store_true", required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    rows = []
+    load_before = os.getloadavg()[0]
+    for model in MODELS:
+        for precision in PRECISIONS:
+            res = run_e2e(model, "fused", args.device, precision)
+            cfg = config(model, precision)
+            rows.append({"op": f"e2e-{model.lower()}", "size": size_label(model, cfg), "precision": precision,
+                         "threads": torch.get_num_threads(), **res})
+            print(json.dumps({k: rows[-1].get(k) for k in ("op", "precision", "steps_per_s", "peak_bytes", "error")}),
+                  flush=True)
+    out = Path(__file__).parent / "results" / f"e2e-precision-{args.device}.json"
+    out.write_text(json.dumps({"load_before": load_before, "load_after": os.getloadavg()[0], "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
