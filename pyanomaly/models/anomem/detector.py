@@ -290,12 +290,12 @@ class AnoMem(Detector):
     def _log(self, text: str) -> None:
         logger.info("anomem %s", text)
 
-    def _images(self, data, name: str, *, fitted: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Any accepted input (``pyanomaly.data.as_images``) -> (float (N, C, H, W) in [0, 1] at the
-        working size on CPU, each image's own (H, W)). After fit, gray or colour follows the model."""
-        mode = None if not fitted else ("gray" if self.in_channels_ == 1 else "rgb")
+    def _images(self, data, name: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Images to score, any accepted input (``pyanomaly.data.as_images``) -> (float (N, C, H, W)
+        in [0, 1] at the training size on CPU, each image's own (H, W)); gray or colour follows the model."""
+        mode = "gray" if self.in_channels_ == 1 else "rgb"
         images = as_images(data, name, mode=mode, min_size=8, allow_float=True)
-        return _stack_float(images, self.fit_size_ if fitted else self.image_size), [tuple(x.shape[1:]) for x in images]
+        return _stack_float(images, self.fit_size_), [tuple(x.shape[1:]) for x in images]
 
     def _build_model(self, channels: int, size: tuple[int, int], mean=None, std=None) -> AnoMemModel:
         small = self.small_input if self.small_input is not None else max(size) <= 64
@@ -613,12 +613,12 @@ class AnoMem(Detector):
         fit scores with its classifiers, untrained until stage 2)."""
         if self.model_ is None:
             raise RuntimeError("this AnoMem has no model yet: call fit(...) first")
-        return self._score(self._images(images, "images", fitted=True)[0])
+        return self._score(self._images(images, "images")[0])
 
     def scale_scores(self, images) -> np.ndarray:
         """Per-scale anomaly scores (N, S) before the weighted sum (Eq. 9 or 10)."""
         self._check_model()
-        return self._scale_scores(self._images(images, "images", fitted=True)[0]).double().numpy()
+        return self._scale_scores(self._images(images, "images")[0]).double().numpy()
 
     @torch.no_grad()
     def score(self, images) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -636,7 +636,7 @@ class AnoMem(Detector):
             (scores (N,) float64, maps: N float32 arrays (H_i, W_i) at each input image's own size).
         """
         self._check_model()
-        x, sizes = self._images(images, "images", fitted=True)
+        x, sizes = self._images(images, "images")
         scores, maps = self._scores_and_maps(x)
         out = []
         for amap, target in zip(maps, sizes):
@@ -673,7 +673,7 @@ class AnoMem(Detector):
                 (C, H, W) tensors or a dataset (as in :meth:`fit`); resized to the training size.
         """
         self._check_model()
-        return self._score(self._images(images, "images", fitted=True)[0])
+        return self._score(self._images(images, "images")[0])
 
     def _check_model(self) -> None:
         if self.model_ is None:
