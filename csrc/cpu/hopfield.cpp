@@ -203,11 +203,11 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
   at::parallel_for(0, partials, 1, [&](int64_t part_begin, int64_t part_end) {
     at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch guards are thread-local
     // This thread's scratch, reused by all its blocks: [beta x; g] (2 rows, D), their products with
-    // X^T (2 rows, M), P and dS (rows, M), the state gradient (rows, D).
+    // X^T (2 rows, M), [dS; P] (2 rows, M), the state gradient (rows, D).
     const auto options = memory.options();
     Tensor stacked = at::empty({2 * block_rows, dim}, options), grad_x = at::empty({block_rows, dim}, options);
     Tensor products = at::empty({2 * block_rows, num_patterns}, options);
-    Tensor prob = at::empty({block_rows, num_patterns}, options), dscore = at::empty_like(prob);
+    Tensor dscore_prob = at::empty({2 * block_rows, num_patterns}, options);
     Tensor g = at::empty({block_rows, dim}, options);
     const Tensor beta_tensor = at::scalar_tensor(beta, options);
     for (int64_t part = part_begin; part < part_end; ++part) {
@@ -237,14 +237,13 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
           at::mul_out(scaled_x, x, beta_tensor);
           both.narrow(0, a, a).copy_(g_rows);
           at::mm_out(both_products, both, memory.t());
-          Tensor step_prob = prob.narrow(0, 0, a), step_dscore = dscore.narrow(0, 0, a);
+          // [dS; P] in one (2a, M) block, in the row order of [beta x; g]: grad X = [dS; P]^T [beta x; g].
+          Tensor both_dscore_prob = dscore_prob.narrow(0, 0, 2 * a);
+          Tensor step_dscore = both_dscore_prob.narrow(0, 0, a), step_prob = both_dscore_prob.narrow(0, a, a);
           at::_softmax_out(step_prob, both_products.narrow(0, 0, a), 1, false);
           at::_softmax_backward_data_out(step_dscore, both_products.narrow(0, a, a), step_prob, 1,
                                          step_prob.scalar_type());
-          if (grad_memory) {
-            grad_memory_acc.addmm_(step_prob.t(), g_rows);
-            grad_memory_acc.addmm_(step_dscore.t(), x, 1.0, beta);
-          }
+          if (grad_memory) grad_memory_acc.addmm_(both_dscore_prob.t(), both);  // P^T g + dS^T (beta x), one GEMM
           if (need_grad_state) {
             Tensor step_grad_x = grad_x.narrow(0, 0, a);
             at::mm_out(step_grad_x, step_dscore, memory).mul_(beta);
