@@ -487,6 +487,55 @@ def test_random_grayscale_option():
     assert torch.equal(default, colour)  # the default (0.0) draws nothing: seeded runs are unchanged
 
 
+@pytest.mark.parametrize("flags, expected", [(frozenset(), "fp32"), (frozenset({"amx_bf16"}), "bf16")])
+def test_auto_precision_trains_bf16_only_on_amx_cpus_and_scores_fp32(monkeypatch, flags, expected):
+    """"auto" on a CPU: stage 1 under bf16 autocast only with AMX; scoring stays fp32 either way."""
+    import pyanomaly.models._precision as precision_module
+
+    monkeypatch.setattr(precision_module, "_cpu_flags", lambda: flags)
+    seen = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(*args, **kwargs):
+        if kwargs.get("dtype") == torch.bfloat16:  # the encoder's autocast, not the fp32 islands inside
+            seen.append((torch.is_grad_enabled(), kwargs.get("enabled", True)))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    detector = AnoMem(**{**TINY, "epochs": 1}).fit(images)
+    assert detector.train_precision_ == expected
+    training = [enabled for grad, enabled in seen if grad]
+    assert training and all(enabled == (expected == "bf16") for enabled in training)
+    seen.clear()
+    assert np.isfinite(detector.decision_function(images[:8])).all()
+    assert seen and not any(enabled for _, enabled in seen)  # scoring: autocast off on the CPU
+
+
+def test_auto_bf16_skips_a_non_finite_step_and_goes_on_in_fp32(monkeypatch, tmp_path):
+    """The guard: the first non-finite gradient's step is skipped (parameters untouched), a warning
+    names it, the rest runs in fp32, and the record survives save / load."""
+    import pyanomaly.models._precision as precision_module
+    import pyanomaly.models.anomem.detector as detector_module
+
+    monkeypatch.setattr(precision_module, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
+    calls = []
+    monkeypatch.setattr(detector_module, "_gradients_finite", lambda params: calls.append(1) and False)
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    steps = {}
+
+    def record(detector, _record):
+        steps["bf16_after"] = detector._stage1_bf16
+
+    with pytest.warns(RuntimeWarning, match="non-finite bf16 gradient at epoch 1 step 1"):
+        detector = AnoMem(**{**TINY, "epochs": 2}).fit(images, on_epoch_end=record)
+    assert len(calls) == 1  # checked until the fallback, never after
+    assert steps["bf16_after"] is False
+    assert detector.train_precision_ == "bf16, fp32 from epoch 1 step 1"
+    detector.save(tmp_path / "m.pt")
+    assert AnoMem.load(tmp_path / "m.pt").train_precision_ == detector.train_precision_
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_precision_runs_the_encoder_only_in_bf16(precision):
     """bf16 autocast covers the encoder alone: the Hopfield op (float32/float64 only on CPU) and the

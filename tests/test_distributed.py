@@ -25,7 +25,8 @@ CPCAD_STEP = dict(
     batch_size=8, lr=1e-2, verbose=False, seed=4, device="cpu", directions=("below", "right"),
 )
 ANOMEM_STEP = dict(backbone="resnet18", width=8, memory_sizes=(16, 8), epochs=1, batch_size=8, image_size=32,
-                   classifier_epochs=2, verbose=False, seed=2, lr=0.1, device="cpu")
+                   classifier_epochs=2, verbose=False, seed=2, lr=0.1, device="cpu",
+                   precision="fp32")  # the global batch is under test; "auto" trains bf16 on AMX CPUs
 CASES = {
     "cpcad": (CPCAD, CPCAD_STEP, {}),
     "anomem": (AnoMem, ANOMEM_STEP, {}),

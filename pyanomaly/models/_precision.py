@@ -12,6 +12,12 @@ and in fp32 on every CPU. Two CPU measurements decided that:
   it in 1 of 20 NCHW trials (``results/bf16_cpu_nan.py``). A silently corrupted model is worse than a
   slower one, so "auto" keeps CPUs in fp32 until a torch release passes that script.
 
+AnoMem's stage-1 training is the one exception (``training_precision(..., amx_cpu=True)``): on a CPU
+with AMX, "auto" trains its ResNet encoder under bf16 autocast (1.6-1.7x faster whole fits,
+``results/bf16_cpu_speed.py``; no non-finite gradient in 24 encoder trials) and guards every step: the
+first step with a non-finite gradient is skipped and the rest of the fit runs in fp32. Its scoring
+and export stay fp32 on CPUs.
+
 ``"bf16"`` forces autocast (the user's choice, on any device), ``"fp32"`` turns it off. What follows
 the encoders (CPC-AD's predictors, InfoNCE and scores; AnoMem's memories, projections and NT-Xent)
 always runs in fp32: the detectors cast the encoder outputs explicitly.
@@ -23,7 +29,10 @@ import functools
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "encoder_autocast", "native_bf16", "resolve_precision"]
+__all__ = [
+    "PRECISIONS", "amx_bf16_cpu", "check_precision", "encoder_autocast", "native_bf16", "resolve_precision",
+    "training_precision",
+]
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -54,6 +63,18 @@ def _cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def amx_bf16_cpu() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Linux flags ``amx_bf16``)."""
+    return "amx_bf16" in _cpu_flags()
+
+
+def training_precision(precision: str, device: torch.device | str, *, amx_cpu: bool = False) -> str:
+    """"bf16" or "fp32" for training on ``device``; ``amx_cpu``: "auto" also picks bf16 on AMX CPUs."""
+    if check_precision(precision) == "auto" and amx_cpu and torch.device(device).type == "cpu" and amx_bf16_cpu():
+        return "bf16"
+    return resolve_precision(precision, device)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from pyanomaly.distributed import use_global_batchnorm, use_plain_batchnorm
 from pyanomaly.data import as_images, stack_resized
 from pyanomaly.models.anomem.augment import AugmentConfig, random_quarter_turns, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
-from pyanomaly.models._precision import check_precision, encoder_autocast
+from pyanomaly.models._precision import check_precision, encoder_autocast, training_precision
 from pyanomaly.models.base import Detector, resolve_device
 
 __all__ = ["AnoMem"]
@@ -103,9 +104,11 @@ class AnoMem(Detector):
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1".
-        precision: ``"auto"`` (bf16 autocast for the encoder on CUDA with bf16; fp32 on CPUs, see
-            ``pyanomaly.models._precision``), ``"bf16"`` or ``"fp32"``. Memories, projections,
-            NT-Xent and scores always run in fp32; the encoder runs channels_last.
+        precision: ``"auto"`` (bf16 autocast for the encoder on CUDA with bf16; on CPUs fp32, except
+            that stage-1 training runs bf16 on CPUs with AMX, guarded: a step with a non-finite
+            gradient is skipped and the fit goes on in fp32; see ``pyanomaly.models._precision``),
+            ``"bf16"`` or ``"fp32"``. Memories, projections, NT-Xent and scores always run in fp32;
+            the encoder runs channels_last. ``train_precision_`` records what stage 1 used.
         eval_batch_size: images per scoring batch.
         checkpoint_every: write the stage-1 training state every this many epochs (and after the
             last) to ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and
@@ -431,6 +434,9 @@ class AnoMem(Detector):
         model.train()
         if ranks > 1:
             use_global_batchnorm(model)
+        self._stage1_bf16 = training_precision(self.precision, self.device, amx_cpu=True) == "bf16"
+        guarded = self._stage1_bf16 and self.precision == "auto"  # "auto" never trains on a NaN gradient
+        self.train_precision_ = "bf16" if self._stage1_bf16 else "fp32"
         loss_of = self._data_parallel(model, functools.partial(self._stage1_loss, config=config, generator=gen, part=part))
         loader = self._working_loader(images, batch_size, drop_last=True, split_over_ranks=True)
         bar = progress(self.epochs * steps_per_epoch, "anomem fit", self.verbose)
@@ -445,6 +451,8 @@ class AnoMem(Detector):
             cpu_gen.set_state(state["cpu_gen"])
             gen.set_state(state["gen"].to(gen.get_state().device))
             self.history_, first = [dict(r) for r in state["history"]], state["epoch"]
+            self.train_precision_ = state.get("train_precision", self.train_precision_)
+            self._stage1_bf16 = guarded = guarded and self.train_precision_ == "bf16"  # a fallback stays fp32
         bar.update(first * steps_per_epoch)
         for epoch in range(first + 1, self.epochs + 1):
             tick = time.perf_counter()
@@ -460,7 +468,15 @@ class AnoMem(Detector):
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if guarded and not _gradients_finite(params):
+                    # After DDP's all-reduce every rank sees the same gradients, so all take this branch.
+                    optimizer.zero_grad(set_to_none=True)
+                    self._stage1_bf16 = guarded = False
+                    self.train_precision_ = f"bf16, fp32 from epoch {epoch} step {step + 1}"
+                    warnings.warn(f"AnoMem: a non-finite bf16 gradient at epoch {epoch} step {step + 1}: "
+                                  "step skipped, the fit goes on in fp32", RuntimeWarning, stacklevel=2)
+                else:
+                    optimizer.step()
                 schedule.step()
                 sums["loss"] += distributed.mean_over_ranks(float(loss.detach()))
                 sums["contrastive"] += distributed.mean_over_ranks(parts["contrastive"])
@@ -478,7 +494,7 @@ class AnoMem(Detector):
             self._maybe_checkpoint(epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "cpu_gen": cpu_gen.get_state(), "gen": gen.get_state(), "history": [dict(r) for r in self.history_],
-                "images": n,
+                "images": n, "train_precision": self.train_precision_,
             })
             if on_epoch_end is not None:
                 on_epoch_end(self, record)
@@ -495,7 +511,7 @@ class AnoMem(Detector):
             x = random_quarter_turns(x, generator, part)
         view1, crop1 = simclr_view(x, config, generator, part)
         view2, crop2 = simclr_view(x, config, generator, part)
-        with self._autocast():
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._stage1_bf16):
             return self.model_.contrastive_loss(
                 view1, crop1, view2, crop2, normal_mask, sampling_ratios=self.sampling_ratios,
                 scale_weights=self.weights_, temperature=self.temperature, variance_weight=self.variance_weight,
@@ -688,6 +704,7 @@ class AnoMem(Detector):
             "fit_size": list(self.fit_size_),
             "semi_supervised": self.semi_supervised_,
             "history": [dict(r) for r in self.history_],
+            "train_precision": getattr(self, "train_precision_", None),
         }
 
     def _set_state(self, state: dict) -> None:
@@ -698,6 +715,14 @@ class AnoMem(Detector):
         self.model_.load_state_dict(state["model"])
         self.model_.to(self.device).eval()
         self.history_ = [dict(r) for r in state.get("history", [])]
+        if state.get("train_precision") is not None:
+            self.train_precision_ = str(state["train_precision"])
+
+
+def _gradients_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every gradient of ``params`` is finite (one host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
 # -- argument checks ---------------------------------------------------------------------------
