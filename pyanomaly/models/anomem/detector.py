@@ -105,8 +105,9 @@ class AnoMem(Detector):
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1".
         precision: ``"auto"`` (bf16 autocast for the encoder on CUDA with bf16; on CPUs fp32, except
-            that stage-1 training runs bf16 on CPUs with AMX, guarded: a step with a non-finite
-            gradient is skipped and the fit goes on in fp32; see ``pyanomaly.models._precision``),
+            that stage-1 training runs bf16 on CPUs with AMX; "auto"'s bf16 training is guarded: a
+            step with a non-finite gradient is skipped and the fit goes on in fp32; see
+            ``pyanomaly.models._precision``),
             ``"bf16"`` or ``"fp32"``. Memories, projections, NT-Xent and scores always run in fp32;
             the encoder runs channels_last. ``train_precision_`` records what stage 1 used.
         eval_batch_size: images per scoring batch.
