@@ -310,7 +310,11 @@ def _stop_after(epoch):
     return hook
 
 
-@pytest.mark.parametrize("cls, kwargs", [(CPCAD, {**CPCAD_TINY, "crop_fraction": 2 / 3}), (AnoMem, {**ANOMEM_TINY, "epochs": 3})])
+@pytest.mark.parametrize("cls, kwargs", [
+    (CPCAD, {**CPCAD_TINY, "crop_fraction": 2 / 3}),
+    (AnoMem, {**ANOMEM_TINY, "epochs": 3}),
+    (AnoMem, {**ANOMEM_TINY, "epochs": 3, "precision": "bf16"}),  # a resumed bf16 fit stays bf16
+])
 def test_an_interrupted_fit_resumes_to_the_same_parameters(cls, kwargs, data, tmp_path):
     """Seeded CPU fit stopped after epoch 2 (checkpoint every epoch) and resumed == uninterrupted."""
     images = [data[1][i].image for i in range(12)]

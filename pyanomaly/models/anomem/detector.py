@@ -435,9 +435,7 @@ class AnoMem(Detector):
         model.train()
         if ranks > 1:
             use_global_batchnorm(model)
-        self._stage1_bf16 = training_precision(self.precision, self.device, amx_cpu=True) == "bf16"
-        guarded = self._stage1_bf16 and self.precision == "auto"  # "auto" never trains on a NaN gradient
-        self.train_precision_ = "bf16" if self._stage1_bf16 else "fp32"
+        self.train_precision_ = training_precision(self.precision, self.device, amx_cpu=True)
         loss_of = self._data_parallel(model, functools.partial(self._stage1_loss, config=config, generator=gen, part=part))
         loader = self._working_loader(images, batch_size, drop_last=True, split_over_ranks=True)
         bar = progress(self.epochs * steps_per_epoch, "anomem fit", self.verbose)
@@ -452,8 +450,8 @@ class AnoMem(Detector):
             cpu_gen.set_state(state["cpu_gen"])
             gen.set_state(state["gen"].to(gen.get_state().device))
             self.history_, first = [dict(r) for r in state["history"]], state["epoch"]
-            self.train_precision_ = state.get("train_precision", self.train_precision_)
-            self._stage1_bf16 = guarded = guarded and self.train_precision_ == "bf16"  # a fallback stays fp32
+            self.train_precision_ = state.get("train_precision", self.train_precision_)  # a fallback stays fp32
+        guarded = self.precision == "auto" and self.train_precision_ == "bf16"  # "auto" never steps on a NaN gradient
         bar.update(first * steps_per_epoch)
         for epoch in range(first + 1, self.epochs + 1):
             tick = time.perf_counter()
@@ -472,7 +470,7 @@ class AnoMem(Detector):
                 if guarded and not _gradients_finite(params):
                     # After DDP's all-reduce every rank sees the same gradients, so all take this branch.
                     optimizer.zero_grad(set_to_none=True)
-                    self._stage1_bf16 = guarded = False
+                    guarded = False
                     self.train_precision_ = f"bf16, fp32 from epoch {epoch} step {step + 1}"
                     warnings.warn(f"AnoMem: a non-finite bf16 gradient at epoch {epoch} step {step + 1}: "
                                   "step skipped, the fit goes on in fp32", RuntimeWarning, stacklevel=2)
@@ -512,7 +510,7 @@ class AnoMem(Detector):
             x = random_quarter_turns(x, generator, part)
         view1, crop1 = simclr_view(x, config, generator, part)
         view2, crop2 = simclr_view(x, config, generator, part)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._stage1_bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.train_precision_ == "bf16"):
             return self.model_.contrastive_loss(
                 view1, crop1, view2, crop2, normal_mask, sampling_ratios=self.sampling_ratios,
                 scale_weights=self.weights_, temperature=self.temperature, variance_weight=self.variance_weight,
