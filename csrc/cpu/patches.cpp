@@ -236,15 +236,20 @@ at::Tensor extract_patches_backward_cpu(const at::Tensor& grad, at::IntArrayRef 
   return grad_images;
 }
 
-// Output rows [begin, end) of the flat (b, c, y) order. Per row: the covering patch rows' values summed
-// per patch column, then per pixel the sum over its covering columns, j = j_first[x] .. + taps[x] - 1, in
-// increasing j (the same order as a plain loop), as a fixed max_taps loop the compiler vectorises.
+// A run [x_begin, x_end) of output columns covered by the same patch columns j_first .. j_first + taps - 1.
+struct FoldSegment {
+  int64_t x_begin, x_end, j_first, taps;
+};
+
+// Output rows [begin, end) of the flat (b, c, y) order. A row is constant on each segment: per row the
+// covering patch rows' values are summed per patch column (increasing i), then per segment over its
+// columns in increasing j (the order of a plain per-pixel loop), and the segment is filled with it.
 template <typename scalar_t, typename acc_t>
 PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, std::array<int64_t, 4> strides,
-                              const int64_t* j_first, const int64_t* taps, int64_t max_taps, bool mean,
-                              scalar_t* out0, int64_t begin, int64_t end) {
+                              const FoldSegment* segments, int64_t n_segments, bool mean, scalar_t* out0,
+                              int64_t begin, int64_t end) {
   const auto [vb, vi, vj, vc] = strides;
-  std::vector<acc_t> column_sum(f.nw + max_taps, acc_t(0));  // padded: masked taps read in bounds
+  std::vector<acc_t> column_sum(f.nw, acc_t(0));
   for (int64_t row = begin; row < end; ++row) {
     const int64_t y = row % f.height;
     const int64_t c = (row / f.height) % f.channels;
@@ -258,15 +263,14 @@ PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, st
       column_sum[j] = sum;
     }
     const int64_t rows_covering = std::max<int64_t>(0, i_last - i_first + 1);
-    const acc_t* cs = column_sum.data();
-    scalar_t* __restrict dst = out0 + row * f.width;
-#pragma omp simd
-    for (int64_t x = 0; x < f.width; ++x) {
+    scalar_t* dst = out0 + row * f.width;
+    for (int64_t s = 0; s < n_segments; ++s) {
+      const FoldSegment& seg = segments[s];
       acc_t sum = 0;
-      for (int64_t t = 0; t < max_taps; ++t) sum += t < taps[x] ? cs[j_first[x] + t] : acc_t(0);
-      const int64_t count = rows_covering * taps[x];
-      const acc_t value = mean ? sum / static_cast<acc_t>(count) : sum;
-      dst[x] = static_cast<scalar_t>(count == 0 ? acc_t(0) : value);
+      for (int64_t t = 0; t < seg.taps; ++t) sum += column_sum[seg.j_first + t];
+      const int64_t count = rows_covering * seg.taps;
+      const acc_t value = count == 0 ? acc_t(0) : (mean ? sum / static_cast<acc_t>(count) : sum);
+      std::fill(dst + seg.x_begin, dst + seg.x_end, static_cast<scalar_t>(value));
     }
   }
 }
@@ -274,19 +278,23 @@ PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, st
 template <typename scalar_t>
 void fold_forward_kernel(const FoldGeometry& f, const at::Tensor& values, bool mean, at::Tensor& out) {
   using acc_t = acc_for<scalar_t>;
-  std::vector<int64_t> j_first(f.width), taps(f.width);  // the patch columns covering each x
-  int64_t max_taps = 0;
+  std::vector<FoldSegment> segments;  // runs of x with the same covering patch columns
   for (int64_t x = 0; x < f.width; ++x) {
-    j_first[x] = std::min(first_covering(x, f.size_w, f.stride_w), f.nw);
-    taps[x] = std::max<int64_t>(0, std::min(f.nw - 1, x / f.stride_w) - j_first[x] + 1);
-    max_taps = std::max(max_taps, taps[x]);
+    const int64_t j_first = std::min(first_covering(x, f.size_w, f.stride_w), f.nw);
+    const int64_t taps = std::max<int64_t>(0, std::min(f.nw - 1, x / f.stride_w) - j_first + 1);
+    if (!segments.empty() && segments.back().j_first == j_first && segments.back().taps == taps) {
+      segments.back().x_end = x + 1;
+    } else {
+      segments.push_back({x, x + 1, j_first, taps});
+    }
   }
   const std::array<int64_t, 4> strides = {values.stride(0), values.stride(1), values.stride(2), values.stride(3)};
   const scalar_t* values0 = values.const_data_ptr<scalar_t>();
   scalar_t* out0 = out.mutable_data_ptr<scalar_t>();
   const int64_t rows = f.batch * f.channels * f.height;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / (4 * f.width)), [&](int64_t begin, int64_t end) {
-    fold_rows<scalar_t, acc_t>(f, values0, strides, j_first.data(), taps.data(), max_taps, mean, out0, begin, end);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / f.width), [&](int64_t begin, int64_t end) {
+    fold_rows<scalar_t, acc_t>(f, values0, strides, segments.data(), static_cast<int64_t>(segments.size()), mean,
+                               out0, begin, end);
   });
 }
 
