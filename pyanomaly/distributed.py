@@ -129,13 +129,16 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad)
 
 
-def mean_over_ranks(value: float) -> float:
-    """The mean of a Python number over the ranks (for logs and histories); ``value`` alone on one."""
+def mean_over_ranks(value):
+    """The mean over the ranks of a Python number, or of each number of a dict of them (one
+    all-reduce either way; for logs and histories); ``value`` itself on one rank."""
     if world()[1] == 1:
         return value
-    total = torch.tensor([float(value)], dtype=torch.float64)
+    keys = list(value) if isinstance(value, dict) else None
+    total = torch.tensor([float(value[k]) for k in keys] if keys is not None else [float(value)], dtype=torch.float64)
     dist.all_reduce(total)
-    return float(total) / world()[1]
+    means = (total / world()[1]).tolist()
+    return dict(zip(keys, means)) if keys is not None else means[0]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Tables for results/cpcad.md from cpcad_knn.py's JSON lines: mean ± std over seeds per (set, score).
+"""Tables for results/cpcad.md from cpcad_knn.py's JSON lines: mean ± std over seeds per (set, preset
+overrides, score).
 
 Run: ``python results/cpcad_knn_summary.py results/cpcad_knn.jsonl results/cpcad_knn_synth.jsonl``.
 """
@@ -30,23 +31,24 @@ def main(paths: list[str]) -> None:
             record = json.loads(line)
             if record.get("bank_size") is None:  # the first, pre-library run (full bank): reported apart
                 continue
-            runs[record["set"]].append(record)
-    print("| set | seeds | score | image AUROC | pixel AUROC | AUPRO | fit s (1 thread) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, records in runs.items():
+            runs[record["set"], json.dumps(record.get("overrides") or {}, sort_keys=True)].append(record)
+    print("| set | overrides | seeds | score | image AUROC | pixel AUROC | AUPRO | fit s (threads) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, overrides), records in runs.items():
         seeds = ",".join(str(r["seed"]) for r in records)
+        threads = ",".join(sorted({str(r.get("threads", 1)) for r in records}))
         for score in SCORES:
-            print(f"| {name} | {seeds} | {score} | {_ms([r[score]['image_auroc'] for r in records])} | "
+            print(f"| {name} | `{overrides}` | {seeds} | {score} | {_ms([r[score]['image_auroc'] for r in records])} | "
                   f"{_ms([r[score]['pixel_auroc'] for r in records])} | {_ms([r[score]['aupro'] for r in records])} | "
-                  f"{_ms([r['fit_s'] for r in records], 0) if score == 'infonce' else ''} |")
+                  f"{_ms([r['fit_s'] for r in records], 0) + f' ({threads})' if score == 'infonce' else ''} |")
     print()
-    print("| set | score | pixel AUROC per defect type (mean over seeds) |")
-    print("|---|---|---|")
-    for name, records in runs.items():
+    print("| set | overrides | score | pixel AUROC per defect type (mean over seeds) |")
+    print("|---|---|---|---|")
+    for (name, overrides), records in runs.items():
         for score in SCORES:
             defects = records[0][score]["per_defect"]
             cells = [f"{d} {np.mean([r[score]['per_defect'][d]['pixel_auroc'] for r in records]):.2f}" for d in defects]
-            print(f"| {name} | {score} | {' / '.join(cells)} |")
+            print(f"| {name} | `{overrides}` | {score} | {' / '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -477,9 +477,10 @@ class AnoMem(Detector):
                 else:
                     optimizer.step()
                 schedule.step()
-                sums["loss"] += distributed.mean_over_ranks(float(loss.detach()))
-                sums["contrastive"] += distributed.mean_over_ranks(parts["contrastive"])
-                sums["variance"] += distributed.mean_over_ranks(parts["variance"])
+                means = distributed.mean_over_ranks({"loss": float(loss.detach()), "contrastive": parts["contrastive"],
+                                                     "variance": parts["variance"]})
+                for key, value in means.items():
+                    sums[key] += value
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch}/{self.epochs}", loss=f"{float(loss.detach()):.4f}", refresh=False)
             record = {"stage": 1, "epoch": epoch, "lr": lr, "seconds": time.perf_counter() - tick}
