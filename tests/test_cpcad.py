@@ -334,7 +334,7 @@ def test_knn_and_combined_scores(synthetic, tmp_path):
     own = knn._knn(knn._subpatch_grid(knn._resize(train_images), None), torch.arange(3))
     assert float(own.min()) > 0  # a training image does not find itself
     combined = CPCAD(**TINY, epochs=1, seed=0, anomaly_score="combined", score_norm="position").fit(train)
-    assert set(combined.score_stats_) == {"infonce", "knn"}
+    assert set(combined.score_stats_) == {"infonce", "knn", "infonce_abs"}
     parts = combined._component_grids(images)
     expected = sum((parts[k] - combined.score_stats_[k][0]) / combined.score_stats_[k][1] for k in parts)
     torch.testing.assert_close(combined.subpatch_scores(images), expected)
@@ -342,7 +342,39 @@ def test_knn_and_combined_scores(synthetic, tmp_path):
     np.testing.assert_array_equal(CPCAD.load(tmp_path / "c.pt").decision_function(images), combined.decision_function(images))
 
 
+def test_two_sided_infonce_scores_losses_below_the_training_range(synthetic, tmp_path):
+    """infonce_sides="both": the position-standardised loss's absolute value, standardised again over
+    the training images; a loss far below its position's range scores high, as one far above."""
+    train, samples = synthetic
+    images = [s.image for s in samples[:4]]
+    det = CPCAD(**TINY, epochs=1, seed=0, anomaly_score="combined", score_norm="position",
+                infonce_sides="both").fit(train)
+    (m, s), (m2, s2), (mk, sk) = (det.score_stats_[k] for k in ("infonce", "infonce_abs", "knn"))
+    parts = det._component_grids(images)
+    expected = ((parts["infonce"] - m) / s).abs().sub(m2).div(s2) + (parts["knn"] - mk) / sk
+    torch.testing.assert_close(det.subpatch_scores(images), expected)
+    # each position's two-sided InfoNCE part has mean 0 over the training images
+    train_part = det._normalized({"infonce": det._component_grids([train[i].image for i in range(len(train))])["infonce"]})
+    assert float(train_part.mean(0).abs().max()) < 1e-3
+    low, high = m - 6 * s, m + 6 * s  # (G, G) losses far below and far above the training range
+    both = det._normalized({"infonce": torch.stack([low, high])})
+    assert torch.allclose(both[0], both[1]) and float(both.min()) > 0
+    det.infonce_sides = "upper"  # the statistics of both are fitted either way
+    upper = det._normalized({"infonce": torch.stack([low, high])})
+    assert float(upper[0].max()) < 0 < float(upper[1].min())
+    det.infonce_sides = "both"
+    det.save(tmp_path / "b.pt")
+    loaded = CPCAD.load(tmp_path / "b.pt")
+    assert loaded.infonce_sides == "both"
+    np.testing.assert_array_equal(loaded.decision_function(images), det.decision_function(images))
+    del loaded.score_stats_["infonce_abs"]  # a model saved before the option: named, not a KeyError
+    with pytest.raises(RuntimeError, match="infonce_sides"):
+        loaded.decision_function(images)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"credit": "left"}, "credit"), ({"lr_schedule": "step"}, "lr_schedule"),
+                                           ({"infonce_sides": "lower"}, "infonce_sides"),
+                                           ({"infonce_sides": "both"}, "score_norm='position'"),
                                            ({"anomaly_score": "l2"}, "anomaly_score"),
                                            ({"warmup_epochs": -1}, "warmup_epochs"), ({"score_norm": "z"}, "score_norm"),
                                            ({"precision": "fp16"}, "precision"), ({"test_negatives": 0}, "test_negatives")])

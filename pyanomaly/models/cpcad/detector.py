@@ -33,6 +33,7 @@ LR_SCHEDULES = ("constant", "cosine")
 ASPECTS = ("squash", "pad")
 SCORE_NORMS = ("none", "position")
 ANOMALY_SCORES = ("infonce", "knn", "combined")
+INFONCE_SIDES = ("upper", "both")
 
 #: Greedy InfoMax's grayscale normalisation (loeweX/Greedy_InfoMax, STL-10 gray statistics).
 GIM_MEAN, GIM_STD = 0.4120, 0.2570
@@ -143,6 +144,12 @@ class CPCAD(Detector):
             results/cpcad.md: InfoNCE is *low* on anomalies that are easy to tell apart from normal
             texture (flat, blurred or large-area defects), where the nearest-neighbour distance is
             high. Default infonce.
+        infonce_sides: which deviations of a sub-patch's InfoNCE loss are anomalous: ``"upper"``
+            (the paper: a high loss) or ``"both"``: also a loss far *below* that position's training
+            range (a sub-patch more predictable than normal texture, e.g. a flat or blurred region);
+            the position-standardised loss's absolute value, standardised again over the training
+            images. Needs ``score_norm="position"``. A departure from the paper (results/cpcad.md).
+            Default upper.
         score_batch_size: images per scoring batch.
         checkpoint_every: write the training state every this many epochs (and after the last) to
             ``checkpoint_dir`` (0 = never); ``fit(..., resume=...)`` continues from it and ends with
@@ -247,6 +254,7 @@ class CPCAD(Detector):
         warmup_epochs: int = 0,
         score_norm: str = "none",
         anomaly_score: str = "infonce",
+        infonce_sides: str = "upper",
         score_batch_size: int = 4,
         checkpoint_every: int = 0,
         checkpoint_dir: str | None = None,
@@ -323,6 +331,11 @@ class CPCAD(Detector):
             raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
         if anomaly_score not in ANOMALY_SCORES:
             raise ValueError(f"anomaly_score must be one of {ANOMALY_SCORES}, got {anomaly_score!r}")
+        if infonce_sides not in INFONCE_SIDES:
+            raise ValueError(f"infonce_sides must be one of {INFONCE_SIDES}, got {infonce_sides!r}")
+        if infonce_sides == "both" and score_norm != "position":
+            raise ValueError("infonce_sides='both' needs score_norm='position' (a loss is only 'too low' "
+                             f"against its position's training range), got score_norm={score_norm!r}")
         self.image_size, self.patch_size, self.patch_stride = image_size, patch_size, patch_stride
         self.aspect = aspect
         self.sub_size, self.sub_stride, self.layout, self.stem = sub_size, sub_stride, layout, stem
@@ -345,7 +358,7 @@ class CPCAD(Detector):
         self.test_negatives = test_negatives
         self.direction_reduce, self.score_batch_size = direction_reduce, score_batch_size
         self.credit, self.lr_schedule, self.warmup_epochs = credit, lr_schedule, warmup_epochs
-        self.score_norm, self.anomaly_score = score_norm, anomaly_score
+        self.score_norm, self.anomaly_score, self.infonce_sides = score_norm, anomaly_score, infonce_sides
         self._set_checkpointing(checkpoint_every, checkpoint_dir)
         self._set_data_loading(num_workers, cache_images)
         self.activation_checkpointing = bool(activation_checkpointing)
@@ -555,6 +568,9 @@ class CPCAD(Detector):
         components = self._component_grids(images, own_rows=True)
         if self.score_norm == "position":
             self.score_stats_ = {name: position_stats(grid) for name, grid in components.items()}
+            if "infonce" in components:  # also for "upper", so that infonce_sides can change after the fit
+                mean, std = self.score_stats_["infonce"]
+                self.score_stats_["infonce_abs"] = position_stats(((components["infonce"] - mean) / std).abs())
         train_grid = self._normalized(components)
         sizes = images.sizes
         scale = [self.image_size / max(size) for size in sizes]  # maps at the working size, not full size
@@ -627,7 +643,8 @@ class CPCAD(Detector):
 
     def _normalized(self, components: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Raw (N, G, G) component grids (a tensor: InfoNCE alone) -> the score: each component
-        standardised with its fit-time statistics (``score_norm="position"``), then summed."""
+        standardised with its fit-time statistics (``score_norm="position"``; InfoNCE's absolute
+        deviation standardised again with ``infonce_sides="both"``), then summed."""
         if isinstance(components, torch.Tensor):
             components = {"infonce": components}
         total = None
@@ -635,6 +652,12 @@ class CPCAD(Detector):
             if self.score_stats_ is not None:
                 mean, std = self.score_stats_[name]
                 grid = (grid - mean) / std
+                if name == "infonce" and self.infonce_sides == "both":
+                    if "infonce_abs" not in self.score_stats_:
+                        raise RuntimeError("this model was fitted before infonce_sides existed: refit it to "
+                                           "score with infonce_sides='both'")
+                    mean, std = self.score_stats_["infonce_abs"]
+                    grid = (grid.abs() - mean) / std
             total = grid if total is None else total + grid
         return total
 
