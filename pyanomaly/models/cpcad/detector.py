@@ -564,6 +564,18 @@ class CPCAD(Detector):
         bar.close()
         self.model_.eval()
         self.banks_, self.bank_owners_ = self._build_banks(images, gen)
+        components = self._fit_score_stats(images)
+        train_grid = self._normalized(components)
+        sizes = images.sizes
+        scale = [self.image_size / max(size) for size in sizes]  # maps at the working size, not full size
+        small = [(max(1, round(h * f)), max(1, round(w * f))) for (h, w), f in zip(sizes, scale)]
+        self._fit_thresholds(self.image_scores_from(train_grid, sizes), self.maps_from(train_grid, small))
+        return self
+
+    @torch.no_grad()
+    def _fit_score_stats(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit ``score_stats_`` (``score_norm="position"``) on the training images in bank order and
+        return their raw component grids (each image's nearest neighbour among the others)."""
         self.score_stats_ = None
         components = self._component_grids(images, own_rows=True)
         if self.score_norm == "position":
@@ -571,12 +583,7 @@ class CPCAD(Detector):
             if "infonce" in components:  # also for "upper", so that infonce_sides can change after the fit
                 mean, std = self.score_stats_["infonce"]
                 self.score_stats_["infonce_abs"] = position_stats(((components["infonce"] - mean) / std).abs())
-        train_grid = self._normalized(components)
-        sizes = images.sizes
-        scale = [self.image_size / max(size) for size in sizes]  # maps at the working size, not full size
-        small = [(max(1, round(h * f)), max(1, round(w * f))) for (h, w), f in zip(sizes, scale)]
-        self._fit_thresholds(self.image_scores_from(train_grid, sizes), self.maps_from(train_grid, small))
-        return self
+        return components
 
     def _training_objective(self, batch: torch.Tensor, flip: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         """uint8 (B, 1, S, S) training crops (and which to mirror) -> the InfoNCE objective (), with
