@@ -26,7 +26,7 @@ def detectors():
     cpcad = CPCAD(**CPCAD_TINY).fit(_images(10, 1, 64, 0))
     one_class = AnoMem(**ANOMEM_TINY).fit(_images(16, 3, 32, 1))
     semi = AnoMem(**ANOMEM_TINY).fit(_images(16, 3, 32, 1), anomalies=_images(4, 3, 32, 2))
-    combined = CPCAD(**{**CPCAD_TINY, "anomaly_score": "combined"}).fit(_images(10, 1, 64, 0))  # the cpu preset's score
+    combined = CPCAD(**{**CPCAD_TINY, "anomaly_score": "combined", "infonce_sides": "both"}).fit(_images(10, 1, 64, 0))  # the cpu preset's score
     return {"cpcad": (cpcad, _images(5, 1, 64, 3)), "cpcad-combined": (combined, _images(5, 1, 64, 3)),
             "anomem": (one_class, _images(5, 3, 32, 4)),
             "anomem-semi": (semi, _images(5, 3, 32, 4))}
