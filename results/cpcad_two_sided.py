@@ -45,7 +45,8 @@ def main() -> None:
     detector = CPCAD.load(args.model, device="cpu")
     detector.verbose = False
     train = MVTecDataset(args.root, args.set, "train")
-    samples = [MVTecDataset(args.root, args.set, "test")[i] for i in range(len(MVTecDataset(args.root, args.set, "test")))]
+    test = MVTecDataset(args.root, args.set, "test")
+    samples = [test[i] for i in range(len(test))]
     tick = time.perf_counter()
     detector.anomaly_score = "combined"
     detector._fit_score_stats([train[i].image for i in range(len(train))])
