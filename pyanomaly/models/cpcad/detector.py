@@ -208,8 +208,9 @@ class CPCAD(Detector):
     #:   position's training range counts too: InfoNCE is inverted on predictable defects; a
     #:   departure, "upper" restores the paper): on magnetic_tile (3 seeds, same models) pixel AUROC
     #:   0.729 -> 0.772, "uneven" 0.48 -> 0.60, image AUROC 0.822 -> 0.817, AUPRO 0.538 -> 0.543; on
-    #:   glass unchanged (0.754 pixel, 0.37 AUPRO); on the synthetic brick / gravel textures (seed 0)
-    #:   pixel 0.61 -> 0.84 / 0.28 -> 0.78, the blurred "smudge" defects 0.50 -> 0.82 / 0.16 -> 0.81. About 2 s an epoch per 100 images on 2 idle cores:
+    #:   glass unchanged (0.754 pixel, 0.37 AUPRO); on the synthetic brick (3 seeds) / gravel (seed 0)
+    #:   textures pixel 0.60 -> 0.84 / 0.28 -> 0.78, the blurred "smudge" defects 0.49 -> 0.81 /
+    #:   0.16 -> 0.81, image AUROC -0.03 / +0.03. About 2 s an epoch per 100 images on 2 idle cores:
     #:   ~5 minutes for 100 images, ~15 for 300.
     PRESETS = {
         "paper": dict(
