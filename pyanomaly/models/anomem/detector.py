@@ -145,7 +145,7 @@ class AnoMem(Detector):
     #:   0.927 image AUROC after a 295 s fit on 2 cores (per-pixel Gaussian: 0.747); on the shared
     #:   glass set 1.000 (3 seeds, ~10 s). It fails on magnetic-tile defects (0.47 +- 0.01, 3 seeds,
     #:   below chance and below a per-pixel Gaussian's 0.63; no budget, size or augmentation change
-    #:   helped), where ``CPCAD.preset("cpu")`` reaches 0.81; and on CIFAR-10's semantic one-vs-all it
+    #:   helped), where ``CPCAD.preset("cpu")`` reaches 0.82; and on CIFAR-10's semantic one-vs-all it
     #:   is far weaker (results/anomem.md).
     PRESETS = {
         "paper": dict(backbone="resnet50", width=64, batch_size=256, lr=0.1, momentum=0.9),
