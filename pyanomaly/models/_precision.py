@@ -12,7 +12,7 @@ and in fp32 on every CPU. Two CPU measurements decided that:
   it in 1 of 20 NCHW trials (``results/bf16_cpu_nan.py``). A silently corrupted model is worse than a
   slower one, so "auto" keeps CPUs in fp32 until a torch release passes that script.
 
-AnoMem's stage-1 training is the one exception (``training_precision(..., amx_cpu=True)``): on a CPU
+AnoMem's stage-1 training is the one exception (:func:`training_precision`): on a CPU
 with AMX, "auto" trains its ResNet encoder under bf16 autocast (1.6-1.7x faster whole fits,
 ``results/bf16_cpu_speed.py``; no non-finite gradient in 24 encoder trials) and guards every step: the
 first step with a non-finite gradient is skipped and the rest of the fit runs in fp32. Its scoring
@@ -70,9 +70,10 @@ def amx_bf16_cpu() -> bool:
     return "amx_bf16" in _cpu_flags()
 
 
-def training_precision(precision: str, device: torch.device | str, *, amx_cpu: bool = False) -> str:
-    """"bf16" or "fp32" for training on ``device``; ``amx_cpu``: "auto" also picks bf16 on AMX CPUs."""
-    if check_precision(precision) == "auto" and amx_cpu and torch.device(device).type == "cpu" and amx_bf16_cpu():
+def training_precision(precision: str, device: torch.device | str) -> str:
+    """"bf16" or "fp32" for AnoMem's stage-1 training on ``device``: :func:`resolve_precision`, except
+    that "auto" also picks bf16 on CPUs with AMX."""
+    if check_precision(precision) == "auto" and torch.device(device).type == "cpu" and amx_bf16_cpu():
         return "bf16"
     return resolve_precision(precision, device)
 

@@ -438,7 +438,7 @@ class AnoMem(Detector):
         model.train()
         if ranks > 1:
             use_global_batchnorm(model)
-        self.train_precision_ = training_precision(self.precision, self.device, amx_cpu=True)
+        self.train_precision_ = training_precision(self.precision, self.device)
         loss_of = self._data_parallel(model, functools.partial(self._stage1_loss, config=config, generator=gen, part=part))
         loader = self._working_loader(images, batch_size, drop_last=True, split_over_ranks=True)
         bar = progress(self.epochs * steps_per_epoch, "anomem fit", self.verbose)
