@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyanomaly import AnoMem
-from pyanomaly.data import MVTecDataset, resize_masks
-from pyanomaly.metrics import image_auroc, pixel_auroc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anomem_diagnostics import knn_distance  # noqa: E402
+
+from pyanomaly import AnoMem  # noqa: E402
+from pyanomaly.data import MVTecDataset, resize_masks  # noqa: E402
+from pyanomaly.metrics import image_auroc, pixel_auroc  # noqa: E402
 
 EVAL_SIZE = 256
 
@@ -44,8 +48,7 @@ def feature_knn(detector: AnoMem, train, test) -> dict[str, np.ndarray]:
             n, c = fmap.shape[:2]
             return F.normalize(memory.states(fmap.permute(0, 2, 3, 1).reshape(-1, c)).float(), dim=1).reshape(n, -1, c)
         tr, te = states(x_train), states(x_test)
-        pooled_tr, pooled_te = F.normalize(tr.mean(1), dim=1), F.normalize(te.mean(1), dim=1)
-        out[f"knn_s{stage}"] = (1 - (pooled_te @ pooled_tr.T).max(1).values).numpy()
+        out[f"knn_s{stage}"] = knn_distance(te.mean(1), tr.mean(1))
         bank = tr.reshape(-1, tr.shape[-1])
         out[f"patch_knn_s{stage}"] = np.array([(1 - (t @ bank.T).max(1).values).mean().item() for t in te])
     return out
