@@ -6,17 +6,20 @@ and in fp32 on every CPU. Two CPU measurements decided that:
 - Without AMX (a 2-core Xeon with avx512_bf16 only) bf16 autocast made encoder fwd+bwd slower than
   fp32 channels_last (ResNet-18 at 32 px, batch 128: 2.70 s vs 2.44 s; CPC-AD's fast-stem encoder on
   1800 sub-patches of 32 px: 0.322 s vs 0.236 s).
-- With AMX (a 2-core Xeon with amx_bf16, torch 2.13 CPU), bf16 autocast gives intermittent
-  non-finite weight gradients in the encoder's stride-2 convolution on 2 x 2 maps: 8 of 10 one-step
-  CPC-AD fits at a tiny config ended with a NaN weight (fp32: 0 of 10), and the encoder alone showed
-  it in 1 of 20 NCHW trials (``results/bf16_cpu_nan.py``). A silently corrupted model is worse than a
-  slower one, so "auto" keeps CPUs in fp32 until a torch release passes that script.
+- With AMX (a 2-core Xeon with amx_bf16, torch 2.13 CPU), bf16 autocast made CPC-AD's preset
+  encoder (3600 sub-patches of 16 px) slower too: 0.283 s vs 0.196 s fwd+bwd
+  (``results/bf16_cpu_speed.py``).
+
+torch 2.13's CPU bf16 convolution backward also returns garbage weight gradients (NaN, inf, ~1e36)
+for stride-2 convs over one-pixel-wide maps; the encoders' :class:`~pyanomaly.nn.conv.StrideSafeConv2d`
+avoids that case with the same results (``results/bf16_cpu_nan.py``: 8 of 10 one-step CPC-AD fits at
+a tiny config ended with a NaN weight before it, 0 of 10 since), so ``"bf16"`` is safe to choose.
 
 AnoMem's stage-1 training is the one exception (:func:`training_precision`): on a CPU
 with AMX, "auto" trains its ResNet encoder under bf16 autocast (1.6-1.7x faster whole fits,
-``results/bf16_cpu_speed.py``; no non-finite gradient in 24 encoder trials) and guards every step: the
-first step with a non-finite gradient is skipped and the rest of the fit runs in fp32. Its scoring
-and export stay fp32 on CPUs.
+``results/bf16_cpu_speed.py``; no non-finite gradient in 24 encoder trials) and guards every step,
+a safety net for kernel bugs not covered above: the first step with a non-finite gradient is
+skipped and the rest of the fit runs in fp32. Its scoring and export stay fp32 on CPUs.
 
 ``"bf16"`` forces autocast (the user's choice, on any device), ``"fp32"`` turns it off. What follows
 the encoders (CPC-AD's predictors, InfoNCE and scores; AnoMem's memories, projections and NT-Xent)

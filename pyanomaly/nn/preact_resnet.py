@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyanomaly.nn.conv import StrideSafeConv2d
+
 __all__ = ["PreActBlockNoBN", "PreActResNetEncoder", "STEMS"]
 
 STEMS = ("gim", "fast")
@@ -39,10 +41,10 @@ class PreActBlockNoBN(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
+        self.conv1 = StrideSafeConv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.conv2 = StrideSafeConv2d(out_channels, out_channels, 3, stride=1, padding=1)
         self.shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1, stride=stride)
+            StrideSafeConv2d(in_channels, out_channels, 1, stride=stride)
             if stride != 1 or in_channels != out_channels
             else None
         )
@@ -95,10 +97,10 @@ class PreActResNetEncoder(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if stem == "gim":
-            self.stem = nn.Conv2d(in_channels, widths[0], 5, stride=1, padding=2)
+            self.stem = StrideSafeConv2d(in_channels, widths[0], 5, stride=1, padding=2)
         else:
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3),
+                StrideSafeConv2d(in_channels, widths[0], 7, stride=2, padding=3),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         layers: list[nn.Module] = []

@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from pyanomaly.nn.conv import StrideSafeConv2d
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
 
 
@@ -48,8 +50,8 @@ def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
             m.num_batches_tracked.copy_(count)
 
 
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> StrideSafeConv2d:
+    return StrideSafeConv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -80,11 +82,11 @@ class Bottleneck(nn.Module):
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.conv1 = StrideSafeConv2d(in_channels, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.conv3 = StrideSafeConv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, planes * self.expansion, stride)
@@ -101,7 +103,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module | N
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+        StrideSafeConv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
     )
 
 
@@ -143,7 +145,7 @@ class ResNet(nn.Module):
             stem_stride = 1
         else:
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
+                StrideSafeConv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),
