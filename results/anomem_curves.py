@@ -24,6 +24,11 @@ Variants:
   test images the normal test set, and every test image of the class folders under ``R`` (e.g.
   magnetic_tile's, gray, resized to 32 px) the anomalies.
 
+Resumable: with ``--checkpoint-dir D`` every epoch's training state goes to ``D/<run>/`` (the
+library's ``checkpoint_every=1``); the same command, rerun after a stop, resumes from the last
+finished epoch (``AnoMem.fit(resume=...)``) and keeps counting fit seconds from where that epoch
+left them (``D/<run>/progress.json``), so a long curve can be built in pieces.
+
     python results/anomem_curves.py --data /tmp/cifar10 --classes airplane --epochs 10 --eval-at 2,5,10
 """
 
@@ -130,6 +135,7 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.0, help="semi-supervised anomaly ratio")
     parser.add_argument("--ood-root", type=Path, help="out-of-distribution test images (the classes are the normal set)")
     parser.add_argument("--floors-only", action="store_true", help="write the floor rows and fit nothing")
+    parser.add_argument("--checkpoint-dir", type=Path, help="save every epoch there and resume from it when rerun")
     parser.add_argument("--out", type=Path, default=Path("results/anomem_curves.jsonl"))
     args = parser.parse_args()
     train_all, train_labels, classes = load_split(args.data, "train", args.cache)
@@ -171,15 +177,29 @@ def main() -> None:
             continue
         config = dict(backbone="resnet18", width=args.width, small_input=True, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, **extra)
+        run_dir, resume, fit_s_before = None, None, 0.0
+        if args.checkpoint_dir:
+            run_dir = args.checkpoint_dir / "-".join(
+                [name, "simclr" if args.plain_simclr else "anomem", f"gamma{args.gamma}", f"w{args.width}",
+                 f"e{args.epochs}", f"s{args.seed}"] + (["ood"] if args.ood_root else []))
+            if (run_dir / "anomem-checkpoint.pt").is_file() and (run_dir / "progress.json").is_file():
+                resume = run_dir
+                fit_s_before = json.loads((run_dir / "progress.json").read_text())["fit_s"]
+            config.update(checkpoint_every=1, checkpoint_dir=str(run_dir))
         start = time.perf_counter()
         spent = {"eval_s": 0.0}
 
+        def fit_seconds() -> float:
+            return fit_s_before + time.perf_counter() - start - spent["eval_s"]
+
         def on_epoch_end(detector: AnoMem, record: dict) -> None:
+            if run_dir is not None:  # the checkpoint of this epoch is written: record its fit time beside it
+                (run_dir / "progress.json").write_text(json.dumps({"epoch": record["epoch"], "fit_s": fit_seconds()}))
             if record["epoch"] not in eval_at:
                 return
             tick = time.perf_counter()
             row = {"class": name, "kind": "anomem", **variant, "epoch": record["epoch"], "config": config,
-                   "fit_s": round(tick - start - spent["eval_s"], 1), "loss": round(record["loss"], 4),
+                   "fit_s": round(fit_seconds(), 1), "loss": round(record["loss"], 4), "resumed": resume is not None,
                    # a semi-supervised fit scores with its classifiers, untrained until stage 2
                    "memory": None if args.gamma > 0 else auroc(is_anomaly, detector.scores_now(scored))}
             row.update({k: auroc(is_anomaly, v) for k, v in feature_knn(detector, train, scored).items()})
@@ -197,10 +217,10 @@ def main() -> None:
                 return model
 
             detector._build_model = build_plain
-        detector.fit(train, anomalies=anomalies, on_epoch_end=on_epoch_end)
+        detector.fit(train, anomalies=anomalies, on_epoch_end=on_epoch_end, resume=resume)
         if args.gamma > 0:
             write({"class": name, "kind": "final", **variant, "config": config, "n_anomalies": len(anomalies),
-                   "fit_s": round(time.perf_counter() - start - spent["eval_s"], 1),
+                   "fit_s": round(fit_seconds(), 1),
                    "score": auroc(is_anomaly, detector.decision_function(scored))})
 
 
