@@ -64,11 +64,40 @@ def test_extract_patches_refuses_nan_images():
 
 
 @pytest.mark.parametrize("which", ["queries", "memory"])
-def test_hopfield_names_the_non_finite_argument(which):
-    args = {"queries": torch.randn(6, 8), "memory": torch.randn(5, 8)}
-    args[which][0, 0] = float("nan")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("tol", [0.0, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_hopfield_names_the_non_finite_argument(which, bad, tol, dtype):
+    """Also a single bad entry whose sign meets memory columns of one sign only (a -inf logit for
+    every pattern), and zero memory columns (0 * inf): the CPU kernel finds bad queries in its result."""
+    gen = torch.Generator().manual_seed(0)
+    args = {"queries": torch.randn(6, 8, generator=gen), "memory": torch.randn(5, 8, generator=gen)}
+    args["memory"][:, 1] = args["memory"][:, 1].abs()  # column 1 positive: q[., 1] = -inf gives all -inf logits
+    args["memory"][:, 2] = 0.0  # column 2 zero: q[., 2] = inf gives 0 * inf
+    for row, col in ((0, 0), (3, 1), (4, 2)):
+        args[which][row, col] = bad
     with pytest.raises(ValueError, match=f"{which} contains NaN or infinite values"):
-        hopfield_retrieve(args["queries"], args["memory"], beta=1.0)
+        hopfield_retrieve(args["queries"].to(dtype), args["memory"].to(dtype), beta=1.0, tol=tol)
+
+
+@pytest.mark.parametrize("col", [0, 1, 2])
+def test_hopfield_one_bad_query_entry_is_named(col):
+    """One non-finite entry alone, in each kind of memory column (mixed signs, positive, zero)."""
+    gen = torch.Generator().manual_seed(0)
+    queries, memory = torch.randn(6, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    memory[:, 1], memory[:, 2] = memory[:, 1].abs(), 0.0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        q = queries.clone()
+        q[4, col] = bad
+        with pytest.raises(ValueError, match="queries contains NaN or infinite values"):
+            hopfield_retrieve(q, memory, beta=0.5, max_iter=3, tol=1e-4)
+
+
+def test_hopfield_bad_memory_is_named_with_no_queries():
+    memory = torch.randn(5, 8)
+    memory[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="memory contains NaN or infinite values"):
+        hopfield_retrieve(torch.randn(0, 8), memory, beta=1.0)
 
 
 def test_hopfield_overflow_is_an_error_not_nan():

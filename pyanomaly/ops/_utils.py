@@ -27,6 +27,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
     A sum (in at least float32) is finite iff every value is finite, unless finite values overflow
     it, so only a non-finite sum needs the exact (and 2-3x slower: a bool tensor) isfinite pass."""
+    tensor = tensor.detach()  # a check, not part of any graph
     total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
     return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
@@ -43,7 +44,7 @@ def check_no_overflow(op: str, result: torch.Tensor, **inputs: torch.Tensor) -> 
     """A non-finite ``result``: a ValueError naming the first non-finite input if there is one
     (:func:`require_finite`), else the arithmetic overflowed: a FloatingPointError naming the
     largest input, instead of returning NaN."""
-    if checkable(result) and not bool(torch.isfinite(result).all()):
+    if checkable(result) and not all_finite(result):
         require_finite(**inputs)
         largest = {name: float(t.detach().abs().max()) for name, t in inputs.items() if t is not None and t.numel()}
         detail = ", ".join(f"max |{name}| = {value:.3g}" for name, value in largest.items())

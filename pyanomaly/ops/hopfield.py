@@ -35,9 +35,11 @@ _KERNEL_DTYPES = {
 
 
 def _check_args(
-    queries: torch.Tensor, memory: torch.Tensor, beta: float, max_iter: int, tol: float, grad: str
+    queries: torch.Tensor, memory: torch.Tensor, beta: float, max_iter: int, tol: float, grad: str,
+    check_queries: bool = True,
 ) -> None:
-    """Raise a TypeError / ValueError naming the offending argument."""
+    """Raise a TypeError / ValueError naming the offending argument (``check_queries=False``: not for
+    non-finite query values, which the caller finds in the result)."""
     for name, value in (("queries", queries), ("memory", memory)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -67,7 +69,7 @@ def _check_args(
     if grad not in _GRAD_MODES:
         raise ValueError(f"grad must be 'unrolled' or 'last', got {grad!r}")
     # A data check syncs with the host: fine for eager calls, skipped while torch.compile traces.
-    require_finite(queries=queries, memory=memory)
+    require_finite(**({"queries": queries} if check_queries else {}), memory=memory)
 
 
 def hopfield_retrieve_ref(
@@ -150,7 +152,11 @@ def hopfield_retrieve(
     (fp32/bf16/fp16, at most 4x the plain same-dtype loop) is a CUDA-marked test not yet run on a GPU. Before that fix the backward used the forward's logsumexp and <g, y>; a
     saturated last step then left ~1e-5 of rounding noise that soft steps before it amplified to O(1).
     """
-    _check_args(queries, memory, beta, max_iter, tol, grad)
+    # The CPU kernel turns a non-finite query into a non-finite retrieved row (the first step's logits
+    # of that row are all NaN or inf), which the result check below traces back to ``queries``: the
+    # (N, D) queries are not read twice. The memory, read by every row and small, is checked up front.
+    cpu_kernel = _ext.has_kernels(queries.device) and queries.device.type == "cpu"
+    _check_args(queries, memory, beta, max_iter, tol, grad, check_queries=not cpu_kernel)
     if not _ext.has_kernels(queries.device):
         retrieved, iterations = hopfield_retrieve_ref(queries, memory, beta=beta, max_iter=max_iter, tol=tol, grad=grad)
         check_no_overflow("hopfield_retrieve", retrieved, queries=queries, memory=memory)
