@@ -57,7 +57,9 @@ CONFIGS = {
 
 # Issue 20/21's training shapes, fp32 (today's CPU default) against bf16 autocast of the encoders
 # (``python -m bench.bench_end_to_end --precision``): AnoMem's full-width CIFAR ResNet-18 at 32 px,
-# batch 256; CPC-AD's ``cpu`` preset geometry at 128 px, batch 16.
+# batch 256; CPC-AD's ``cpu`` preset geometry at 128 px, batch 16, and issue 21's 256 px config
+# (patches 128/64, sub-patches 32/16), key ``CPCAD@256``. A scale is a precision, "@256" appended
+# for the second CPC-AD config.
 PRECISION_CONFIGS = {
     "AnoMem": {"n_images": 512, "channels": 3, "image_size": 32, "batch_size": 256, "extra_epochs": 1,
                "model": {"backbone": "resnet18", "width": 64, "small_input": True, "eval_batch_size": 256}},
@@ -65,13 +67,24 @@ PRECISION_CONFIGS = {
               "model": {"patch_size": 64, "patch_stride": 32, "sub_size": 16, "sub_stride": 8, "stem": "fast",
                         "widths": (32, 64, 128), "blocks": (1, 1, 1), "shared_encoder": True, "prediction_steps": 3,
                         "test_draws": 1, "bank_size": 4096}},
+    "CPCAD@256": {"n_images": 16, "channels": 1, "image_size": 256, "batch_size": 16, "extra_epochs": 2,
+                  "model": {"patch_size": 128, "patch_stride": 64, "sub_size": 32, "sub_stride": 16, "stem": "fast",
+                            "widths": (32, 64, 128), "blocks": (1, 1, 1), "shared_encoder": True,
+                            "prediction_steps": 3, "test_draws": 1, "bank_size": 4096}},
 }
 PRECISIONS = ("fp32", "bf16")
+PRECISION_CASES = (("AnoMem", ""), ("CPCAD", ""), ("CPCAD", "@256"))  # (model, config suffix)
+
+
+def precision_of(scale: str) -> str | None:
+    """The precision a ``--precision`` scale ("fp32", "bf16@256", ...) asks for, else None."""
+    precision = scale.split("@")[0]
+    return precision if precision in PRECISIONS else None
 
 
 def config(model: str, scale: str) -> dict:
-    if scale in PRECISIONS:
-        return PRECISION_CONFIGS[model]
+    if precision_of(scale):
+        return PRECISION_CONFIGS[model + scale[len(precision_of(scale)):]]
     return CONFIGS[model][scale]
 
 
@@ -132,7 +145,7 @@ def measure_e2e(model: str, provider: str, device: str, scale: str) -> dict:
     dev = torch.device(device)
     images = _images(cfg)
     result: dict = {"error": None, "input_bytes": images.numel()}
-    common = _kwargs(cfg, device, scale if scale in PRECISIONS else None)
+    common = _kwargs(cfg, device, precision_of(scale))
     ctx = reference_mode() if provider == "reference" else contextlib.nullcontext()
     try:
         if dev.type == "cuda":
@@ -243,18 +256,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--precision", action="store_true", required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="AnoMem,CPCAD,CPCAD@256", help="which of the cases to run")
+    parser.add_argument("--out", help="the JSON file (default bench/results/e2e-precision-<device>.json)")
     args = parser.parse_args()
+    wanted = args.models.split(",")
     rows = []
     load_before = os.getloadavg()[0]
-    for model in MODELS:
+    for model, suffix in PRECISION_CASES:
+        if model + suffix not in wanted:
+            continue
         for precision in PRECISIONS:
-            res = run_e2e(model, "fused", args.device, precision)
-            cfg = config(model, precision)
+            res = run_e2e(model, "fused", args.device, precision + suffix)
+            cfg = config(model, precision + suffix)
             rows.append({"op": f"e2e-{model.lower()}", "size": size_label(model, cfg), "precision": precision,
                          "threads": torch.get_num_threads(), **res})
-            print(json.dumps({k: rows[-1].get(k) for k in ("op", "precision", "steps_per_s", "peak_bytes", "error")}),
+            print(json.dumps({k: rows[-1].get(k) for k in ("op", "size", "precision", "steps_per_s", "peak_bytes", "error")}),
                   flush=True)
-    out = Path(__file__).parent / "results" / f"e2e-precision-{args.device}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"e2e-precision-{args.device}.json"
     out.write_text(json.dumps({"load_before": load_before, "load_after": os.getloadavg()[0], "rows": rows}, indent=1))
     print(f"wrote {out}")
 
