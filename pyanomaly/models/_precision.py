@@ -8,7 +8,9 @@ and in fp32 on every CPU. Two CPU measurements decided that:
   1800 sub-patches of 32 px: 0.322 s vs 0.236 s).
 - With AMX (a 2-core Xeon with amx_bf16, torch 2.13 CPU), bf16 autocast made CPC-AD's preset
   encoder (3600 sub-patches of 16 px) slower too: 0.283 s vs 0.196 s fwd+bwd
-  (``results/bf16_cpu_speed.py``).
+  (``results/bf16_cpu_speed.py``); whole training steps at its 128 px geometry 0.89-0.91x, while
+  issue 21's 256 px config with 32 px sub-patches trains 1.19-1.39x faster in bf16
+  (``python -m bench.bench_end_to_end --precision``, session 9): a user's choice there.
 
 torch 2.13's CPU bf16 convolution backward also returns garbage weight gradients (NaN, inf, ~1e36)
 for stride-2 convs over one-pixel-wide maps; the encoders' :class:`~pyanomaly.nn.conv.StrideSafeConv2d`
