@@ -83,8 +83,9 @@ def precision_of(scale: str) -> str | None:
 
 
 def config(model: str, scale: str) -> dict:
-    if precision_of(scale):
-        return PRECISION_CONFIGS[model + scale[len(precision_of(scale)):]]
+    precision = precision_of(scale)
+    if precision:
+        return PRECISION_CONFIGS[model + scale[len(precision):]]
     return CONFIGS[model][scale]
 
 

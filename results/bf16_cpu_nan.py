@@ -9,10 +9,11 @@ since then) runs such convs at stride 1, which gives the same result by construc
 
 Part 1, CPC-AD's small encoder alone (fast stem, widths 16/32/64, one block per stage) on 3600 sub-patches of 8 px,
 one forward under ``torch.autocast("cpu", bfloat16)`` and a backward of a random projection of the
-output, ``--trials`` times per layout; counts the trials in which any weight gradient is more than 50%
-off (in norm) the fp32 gradient of the same trial, or not finite, with the library's conv and with
-plain ``nn.Conv2d`` swapped back in (``conv``). Part 2, a one-step CPCAD fit at a tiny config, ``--trials / 2`` times per precision: how many
-end with a non-finite weight. fp32 is the control. Prints one JSON line per row.
+output, ``--trials`` times per layout; counts the trials in which any weight gradient is more than
+50% off (in norm) the fp32 gradient of the same trial, or not finite, with the library's conv and
+with plain ``nn.Conv2d`` swapped back in (``conv``). Part 2, a one-step CPCAD fit at a tiny config,
+``--trials / 2`` times per precision: how many end with a non-finite weight. fp32 is the control.
+Prints one JSON line per row.
 
 Run: ``python results/bf16_cpu_nan.py --trials 20`` (results/cpcad.md has the counts measured here).
 """
@@ -64,6 +65,7 @@ def count_bad(channels_last: bool, bf16: bool, trials: int, plain: bool = False)
     x = torch.randn(3600, 1, 8, 8)
     if channels_last:
         encoder, x = encoder.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
     def grads(autocast: bool, weights: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         encoder.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -76,10 +76,11 @@ def test_bf16_weight_gradients_on_one_pixel_maps_track_fp32(build, channels_last
     convs see 1x1 maps. Several repeats, because the failure was intermittent on some machines.
 
     Without normalisation (CPC-AD's encoder) bf16 rounding moves the gradients by a few percent (up to
-    8% in the first layers of a wider encoder on 3600 sub-patches); the garbage was far above 100%. Through BatchNorm at random init they do not: the normalised gradients nearly cancel
-    and bf16 rounding moves them by up to 80% (also on 32-64 px maps, where no 1x1 map occurs), so for
-    the ResNet the bound is only that the error stays below the gradient's own size, which the
-    garbage (NaN, inf, ~1e36) breaks."""
+    8% in the first layers of a wider encoder on 3600 sub-patches); the garbage was far above 100%.
+    Through BatchNorm at random init they do not: the normalised gradients nearly cancel and bf16
+    rounding moves them by up to 80% (also on 32-64 px maps, where no 1x1 map occurs), so for the
+    ResNet the bound is only that the error stays below the gradient's own size, which the garbage
+    (NaN, inf, ~1e36) breaks."""
     torch.manual_seed(0)
     if build == "cpcad":  # 8 px sub-patches: fast stem -> 2x2, then stride-2 stages -> 1x1
         encoder, x = PreActResNetEncoder(1, (8, 16, 32), (1, 1, 1), (1, 2, 2), "fast"), torch.randn(256, 1, 8, 8)
