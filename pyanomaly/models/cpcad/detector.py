@@ -211,7 +211,9 @@ class CPCAD(Detector):
     #:   0.729 -> 0.772, "uneven" 0.48 -> 0.60, image AUROC 0.822 -> 0.817, AUPRO 0.538 -> 0.543; on
     #:   glass unchanged (0.754 pixel, 0.37 AUPRO); on the synthetic brick (3 seeds) / gravel (seed 0)
     #:   textures pixel 0.60 -> 0.84 / 0.28 -> 0.78, the blurred "smudge" defects 0.49 -> 0.81 /
-    #:   0.16 -> 0.81, image AUROC -0.03 / +0.03. About 2 s an epoch per 100 images on 2 idle cores:
+    #:   0.16 -> 0.81, image AUROC -0.03 / +0.03. The shared encoder and fast stem: four encoders
+    #:   gave magnetic_tile pixel AUROC +0.014 but image AUROC -0.054 for 2.6x the fit (3 seeds); the
+    #:   GIM stem 7x the fit and no gain (seed 0). About 2 s an epoch per 100 images on 2 idle cores:
     #:   ~5 minutes for 100 images, ~15 for 300.
     PRESETS = {
         "paper": dict(
