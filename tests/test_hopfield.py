@@ -269,8 +269,56 @@ def test_opcheck(save, dtype):
         return
     _, iterations, states, lse = torch.ops.pyanomaly.hopfield_retrieve(*args)
     grad = torch.randn(70, 9).to(dtype)
-    backward_args = (grad, memory.detach(), states, lse, iterations, 0.5, save == "unrolled", True, True)
+    backward_args = (grad, queries.detach(), memory.detach(), states, lse, iterations, 0.5, save == "unrolled", True, True)
     torch.library.opcheck(torch.ops.pyanomaly.hopfield_retrieve_backward.default, backward_args)
+
+
+@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+@pytest.mark.parametrize(("save", "max_iter", "stored"), [("unrolled", 1, 0), ("unrolled", 4, 3), ("last", 4, 1), ("none", 4, 0)])
+def test_saved_states_leave_out_queries_and_result(save, max_iter, stored):
+    # Step 0 starts from the queries (autograd keeps them) and the final state is the result: neither
+    # is copied into the saved states, so one step (the default) saves no (N, D) state at all.
+    queries, memory = make_inputs(50, 20, 8, seed=3, dtype=torch.float32)
+    _, _, states, lse = torch.ops.pyanomaly.hopfield_retrieve(queries, memory, 0.5, max_iter, 0.0, save)
+    assert states.shape == (stored, 50, 8)
+    assert lse.shape[0] == {"unrolled": max_iter, "last": 1, "none": 0}[save]
+
+
+@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+def test_backward_names_a_wrong_states_shape():
+    queries, memory = make_inputs(30, 10, 6, seed=4, dtype=torch.float32)
+    _, iterations, states, lse = torch.ops.pyanomaly.hopfield_retrieve(queries, memory, 0.5, 3, 0.0, "unrolled")
+    wrong = torch.cat([queries[None], states])  # the old layout, with the queries in front
+    with pytest.raises(RuntimeError, match=r"states must have shape \(2, 30, 6\)"):
+        torch.ops.pyanomaly.hopfield_retrieve_backward(
+            torch.ones(30, 6), queries, memory, wrong, lse, iterations, 0.5, True, True, True
+        )
+
+
+@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+def test_memory_gradient_partials_per_thread():
+    # One grad_memory partial sum per thread: the same thread count gives the same bits, another
+    # thread count the same gradient up to float32 rounding of the sum.
+    queries, memory = make_inputs(2048, 64, 16, seed=5, dtype=torch.float32)
+    weight = torch.randn(2048, 16, generator=torch.Generator().manual_seed(6))
+
+    def grads():
+        q, x = queries.detach().requires_grad_(), memory.detach().requires_grad_()
+        retrieved, _ = hopfield_retrieve(q, x, beta=0.5, max_iter=3, tol=0.0)
+        (retrieved * weight).sum().backward()
+        return q.grad, x.grad
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two, two_again = grads(), grads()
+        torch.set_num_threads(1)
+        one = grads()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(two[1], two_again[1]) and torch.equal(two[0], two_again[0])
+    torch.testing.assert_close(one[0], two[0], rtol=0, atol=0)  # the query gradient has no cross-block sum
+    torch.testing.assert_close(one[1], two[1], rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_fullgraph():
@@ -355,11 +403,12 @@ def test_backward_op_checks_shapes():
     )
     with pytest.raises(RuntimeError, match="grad_retrieved must have shape"):
         torch.ops.pyanomaly.hopfield_retrieve_backward(
-            torch.randn(4, 2), torch.randn(5, 3), states, lse, iterations, 1.0, True, True, True
+            torch.randn(4, 2), torch.randn(4, 3), torch.randn(5, 3), states, lse, iterations, 1.0, True, True, True
         )
     with pytest.raises(RuntimeError, match="lse must have shape"):
         torch.ops.pyanomaly.hopfield_retrieve_backward(
-            torch.randn(4, 3), torch.randn(5, 3), states, lse, iterations, 1.0, False, True, True
+            torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 3), states.expand(1, 4, 3), lse, iterations, 1.0,
+            False, True, True
         )
 
 

@@ -23,7 +23,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kGradPartials = 8;   // fixed number of grad_memory partial sums (deterministic)
+constexpr int64_t kGradPartials = 8;   // most grad_memory partial sums (one per thread)
 constexpr int64_t kBlockScratch = int64_t{1} << 18;  // elements of one (block, M) scratch matrix
 
 // Queries per block: the (block, M) logits, probabilities and their gradient stay near kBlockScratch
@@ -77,7 +77,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
 
   Tensor retrieved = at::empty_like(queries);
   Tensor iterations = at::zeros({num_queries}, queries.options().dtype(at::kInt));
-  Tensor states = at::empty({saved_steps == 0 ? 0 : saved_steps + 1, num_queries, dim}, memory.options());
+  // The start state of each saved step the backward cannot get elsewhere: unrolled, steps 1..S-1
+  // (step 0 starts from the queries, which autograd keeps anyway); last, each query's final update.
+  Tensor states = at::empty({stored_states(save_name, max_iter), num_queries, dim}, memory.options());
   Tensor lse = at::empty({saved_steps, num_queries}, memory.options());
   if (save == SaveMode::kUnrolled) lse.fill_(std::numeric_limits<double>::infinity());
   int32_t* iterations_ptr = iterations.data_ptr<int32_t>();
@@ -98,15 +100,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
       Tensor state_rows = state.narrow(0, 0, rows);
       state_rows.copy_(queries.narrow(0, n0, rows));
       Tensor previous = save == SaveMode::kLast ? states[0].narrow(0, n0, rows) : Tensor();
-      if (save == SaveMode::kUnrolled) states[0].narrow(0, n0, rows).copy_(state_rows);
       std::vector<bool> active(rows, true);
       for (int64_t step = 0; step < max_iter; ++step) {
         std::vector<int64_t> active_rows;
         for (int64_t r = 0; r < rows; ++r)
           if (active[r]) active_rows.push_back(r);
         if (active_rows.empty()) {
-          if (save == SaveMode::kUnrolled)
-            for (int64_t s = step; s < max_iter; ++s) states[s + 1].narrow(0, n0, rows).copy_(state_rows);
+          if (save == SaveMode::kUnrolled)  // the start states of the steps left (never read: defined anyway)
+            for (int64_t s = step; s + 1 < max_iter; ++s) states[s].narrow(0, n0, rows).copy_(state_rows);
           break;
         }
         const int64_t num_active = static_cast<int64_t>(active_rows.size());
@@ -143,35 +144,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
           iterations_ptr[n0 + active_rows[i]] += 1;
           if (stopped[i]) active[active_rows[i]] = false;
         }
-        if (save == SaveMode::kUnrolled) states[step + 1].narrow(0, n0, rows).copy_(state_rows);
+        if (save == SaveMode::kUnrolled && step + 1 < max_iter) states[step].narrow(0, n0, rows).copy_(state_rows);
       }
       retrieved.narrow(0, n0, rows).copy_(state_rows);
-      if (save == SaveMode::kLast) states[1].narrow(0, n0, rows).copy_(state_rows);
     }
   });
   return {retrieved, iterations, states, lse};
 }
 
-std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_retrieved, const Tensor& memory_in,
-                                                          const Tensor& states_in, const Tensor& lse_in,
+std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_retrieved, const Tensor& queries_in,
+                                                          const Tensor& memory_in, const Tensor& states_in,
+                                                          const Tensor& lse_in,
                                                           const Tensor& iterations_in, double beta, bool unrolled,
                                                           bool grad_queries, bool grad_memory) {
   PYA_CHECK_DIM(memory_in, 2);
   PYA_CHECK_DIM(states_in, 3);
   PYA_CHECK_DIM(lse_in, 2);
   PYA_CHECK_CPU(memory_in);
+  PYA_CHECK_CPU(queries_in);
   PYA_CHECK_CPU(grad_retrieved);
   PYA_CHECK_CPU(states_in);
   PYA_CHECK_CPU(lse_in);
   PYA_CHECK_CPU(iterations_in);
-  const int64_t saved_steps = lse_in.size(0), num_queries = states_in.size(1), dim = memory_in.size(1);
+  const int64_t saved_steps = lse_in.size(0), num_queries = queries_in.size(0), dim = memory_in.size(1);
   check_floating(memory_in, "memory");
   const auto compute = compute_type(memory_in.scalar_type());
   TORCH_CHECK(memory_in.size(0) >= 1 && dim >= 1, "memory must not be empty, got shape ", memory_in.sizes());
   TORCH_CHECK(saved_steps >= 1 && (unrolled || saved_steps == 1),
               "lse must have shape (S, N) with S >= 1 saved steps (S = 1 when unrolled is false), got ",
               lse_in.sizes());
-  PYA_CHECK_SHAPE(states_in, saved_steps + 1, num_queries, dim);
+  check_hopfield_backward_states(queries_in, states_in, memory_in, saved_steps, unrolled);
   PYA_CHECK_SHAPE(lse_in, saved_steps, num_queries);
   PYA_CHECK_SHAPE(grad_retrieved, num_queries, dim);
   PYA_CHECK_SHAPE(iterations_in, num_queries);
@@ -183,6 +185,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
 
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Tensor memory = memory_in.to(compute).contiguous();
+  const Tensor queries = queries_in.to(compute).contiguous();
   const Tensor states = states_in.contiguous();
   const Tensor iterations = iterations_in.contiguous();
   const Tensor grad = grad_retrieved.to(compute).contiguous();
@@ -193,13 +196,15 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
   Tensor grad_queries_out = at::zeros({num_queries, dim}, out_options);
   const int64_t block_rows = block_rows_for(num_patterns);
   const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
-  const int64_t partials = std::max<int64_t>(1, std::min(kGradPartials, num_blocks));
+  // One (M, D) partial sum per thread, not per block: memory stays (threads x M x D). Partial p owns a
+  // fixed range of query blocks, so for a given thread count the result does not depend on scheduling.
+  const int64_t partials =
+      std::max<int64_t>(1, std::min({kGradPartials, num_blocks, static_cast<int64_t>(at::get_num_threads())}));
   Tensor grad_memory_partial = at::zeros({grad_memory ? partials : 0, num_patterns, dim}, memory.options());
   if (num_queries == 0 || (!grad_queries && !grad_memory)) {
     return {grad_queries_out, at::zeros_like(memory_in)};
   }
 
-  // Partial p owns a fixed range of query blocks, so the sum does not depend on the thread count.
   at::parallel_for(0, partials, 1, [&](int64_t part_begin, int64_t part_end) {
     at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch guards are thread-local
     // This thread's scratch, reused by all its blocks: [beta x; g] (2 rows, D), their products with
@@ -227,7 +232,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_ret
           const bool all = a == rows;
           const Tensor index = all ? Tensor() : rows_where(active_rows);
           auto pick = [&](const Tensor& t) { return all ? t : t.index_select(0, index); };
-          const Tensor x = pick(states[step].narrow(0, n0, rows));
+          const Tensor x = pick(step_start_state(queries, states, step, unrolled).narrow(0, n0, rows));
           const Tensor g_rows = pick(g_block);
           // The step's logits beta x X^T (the forward's arithmetic) and dP = g X^T in one GEMM, then
           // the plain loop's softmax and softmax backward, recomputed from the saved state:

@@ -48,11 +48,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cuda(const Tensor& 
 
   Tensor iterations = at::zeros({num_queries}, queries.options().dtype(at::kInt));
   Tensor frozen = at::zeros({num_queries}, queries.options().dtype(at::kByte));
-  Tensor states = at::empty({saved_steps == 0 ? 0 : saved_steps + 1, num_queries, dim}, fp32);
+  Tensor states = at::empty({stored_states(save, max_iter), num_queries, dim}, fp32);
   Tensor lse = at::full({saved_steps, num_queries}, std::numeric_limits<float>::infinity(), fp32);
-  // Unrolled: step t reads states[t] and writes states[t + 1]; otherwise two buffers take turns.
-  Tensor work = unrolled ? states : at::empty({2, num_queries, dim}, fp32);
-  work[0].copy_(queries);
+  // Unrolled: step t reads (t == 0 ? the fp32 queries : states[t - 1]) and writes states[t], the last
+  // step a fresh final state; otherwise two buffers take turns. The kernel only reads state_in.
+  const Tensor queries_fp32 = unrolled ? queries.to(at::kFloat) : Tensor();
+  Tensor final_state = unrolled ? at::empty({num_queries, dim}, fp32) : Tensor();
+  Tensor work = unrolled ? Tensor() : at::empty({2, num_queries, dim}, fp32);
+  if (!unrolled) work[0].copy_(queries);
 
   HopfieldForwardStepParams params;
   params.memory = memory.data_ptr();
@@ -67,20 +70,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cuda(const Tensor& 
   params.previous = last ? states[0].data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (int64_t step = 0; step < max_iter; ++step) {
-    const int64_t in = unrolled ? step : step % 2, out = unrolled ? step + 1 : (step + 1) % 2;
-    params.state_in = work[in].data_ptr<float>();
-    params.state_out = work[out].data_ptr<float>();
+    if (unrolled) {
+      params.state_in = (step == 0 ? queries_fp32 : states[step - 1]).data_ptr<float>();
+      params.state_out = (step + 1 == max_iter ? final_state : states[step]).data_ptr<float>();
+    } else {
+      params.state_in = work[step % 2].data_ptr<float>();
+      params.state_out = work[(step + 1) % 2].data_ptr<float>();
+    }
     params.lse = unrolled ? lse[step].data_ptr<float>() : (last ? lse[0].data_ptr<float>() : nullptr);
     check_launch(launch_hopfield_forward_step(params, stream), "pyanomaly::hopfield_retrieve");
   }
-  const Tensor final_state = work[unrolled ? max_iter : max_iter % 2];
-  if (last) states[1].copy_(final_state);
-  Tensor retrieved = final_state.to(queries.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  // A fresh unrolled final state is the result itself for float32; a work buffer is copied out.
+  Tensor retrieved = unrolled ? final_state.to(queries.scalar_type())
+                              : work[max_iter % 2].to(queries.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   return {retrieved, iterations, states, lse};
 }
 
-std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_retrieved, const Tensor& memory_in,
-                                                           const Tensor& states_in, const Tensor& lse_in,
+std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_retrieved, const Tensor& queries_in,
+                                                           const Tensor& memory_in, const Tensor& states_in,
+                                                           const Tensor& lse_in,
                                                            const Tensor& iterations_in, double beta, bool unrolled,
                                                            bool grad_queries, bool grad_memory) {
   PYA_CHECK_DIM(memory_in, 2);
@@ -88,17 +96,18 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
   PYA_CHECK_DIM(lse_in, 2);
   PYA_CHECK_CUDA(memory_in);
   PYA_CHECK_SAME_DEVICE(grad_retrieved, memory_in);
+  PYA_CHECK_SAME_DEVICE(queries_in, memory_in);
   PYA_CHECK_SAME_DEVICE(states_in, memory_in);
   PYA_CHECK_SAME_DEVICE(lse_in, memory_in);
   PYA_CHECK_SAME_DEVICE(iterations_in, memory_in);
-  const int64_t saved_steps = lse_in.size(0), num_queries = states_in.size(1), dim = memory_in.size(1);
+  const int64_t saved_steps = lse_in.size(0), num_queries = queries_in.size(0), dim = memory_in.size(1);
   const int64_t num_patterns = memory_in.size(0);
   const ElemType memory_type = elem_type(memory_in.scalar_type(), "memory");
   TORCH_CHECK(num_patterns >= 1 && dim >= 1, "memory must not be empty, got shape ", memory_in.sizes());
   TORCH_CHECK(saved_steps >= 1 && (unrolled || saved_steps == 1),
               "lse must have shape (S, N) with S >= 1 saved steps (S = 1 when unrolled is false), got ",
               lse_in.sizes());
-  PYA_CHECK_SHAPE(states_in, saved_steps + 1, num_queries, dim);
+  check_hopfield_backward_states(queries_in, states_in, memory_in, saved_steps, unrolled);
   PYA_CHECK_SHAPE(lse_in, saved_steps, num_queries);
   PYA_CHECK_SHAPE(grad_retrieved, num_queries, dim);
   PYA_CHECK_SHAPE(iterations_in, num_queries);
@@ -113,6 +122,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Tensor memory = memory_in.contiguous();
   const Tensor states = states_in.contiguous();
+  const Tensor queries = unrolled ? queries_in.to(at::kFloat).contiguous() : Tensor();  // step 0's state
   const Tensor iterations = iterations_in.contiguous();
   const auto fp32 = memory.options().dtype(at::kFloat);
 
@@ -148,7 +158,7 @@ std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cuda(const Tensor& grad_re
     const bool need_grad_state = grad_queries || step > 0;
     if (!need_grad_state && !grad_memory) break;
     params.step = step;
-    params.state_in = states[step].data_ptr<float>();
+    params.state_in = step_start_state(queries, states, step, unrolled).data_ptr<float>();
     params.grad_in = grads[current].data_ptr<float>();
     params.grad_out = need_grad_state ? grads[1 - current].data_ptr<float>() : nullptr;
     check_launch(launch_hopfield_backward_step(params, stream), "pyanomaly::hopfield_retrieve_backward");

@@ -4,8 +4,10 @@ Each query iterates xi <- softmax(beta * xi X^T) X over the stored patterns X un
 
 The fused op never holds an (N, M) matrix: the CPU kernel works on blocks of queries with a
 (block, M) scratch per thread, the CUDA kernel tiles the memory with an online softmax (state and
-softmax statistics in fp32 for half-precision input). It saves only the per-step states
-(O(N * D * iterations), and only when a gradient is needed) and per-row logsumexps; the backward
+softmax statistics in fp32 for half-precision input). It saves only the start states of the steps
+after the first (O(N * D * (iterations - 1)); the first starts from the queries, which autograd keeps
+by reference; nothing for one step, the default, and nothing without a gradient) and per-row
+logsumexps; the backward
 recomputes each step's softmax from the saved state and normalises it itself (the logsumexp output is
 kept for the op's schema, not used), so a saturated step's state gradient is the plain loop's exact
 zero, not rounding noise that earlier soft steps would amplify. Each query stops on its own and the
@@ -131,7 +133,7 @@ def hopfield_retrieve(
             single attention step.
         tol: stopping threshold on the L2 norm of an update, >= 0; 0 runs exactly ``max_iter`` updates.
         grad: "unrolled": the exact gradient of the updates actually taken, for queries and memory
-            (saves the per-step states, O(N * D * max_iter)). "last": the gradient through each
+            (saves the start states of steps 2.., O(N * D * (max_iter - 1))). "last": the gradient through each
             query's final update only (O(N * D)); queries then get no gradient unless
             ``max_iter == 1``, since at a fixed point the result does not depend on the query.
 
@@ -178,6 +180,11 @@ def _saved_steps(save: str, max_iter: int) -> int:
     return {"none": 0, "last": 1, "unrolled": max_iter}[save]
 
 
+def _stored_states(save: str, max_iter: int) -> int:
+    """States the forward returns beside the queries (the C++ ``stored_states``)."""
+    return {"none": 0, "last": 1, "unrolled": max_iter - 1}[save]
+
+
 def _register() -> None:
     """Fake kernels and autograd for the compiled ops (only when the extension is loaded)."""
 
@@ -188,7 +195,7 @@ def _register() -> None:
         num_queries, dim = queries.shape
         compute = torch.float64 if queries.dtype == torch.float64 else torch.float32
         steps = _saved_steps(save, max_iter)
-        states = queries.new_empty((steps + 1 if steps else 0, num_queries, dim), dtype=compute)
+        states = queries.new_empty((_stored_states(save, max_iter), num_queries, dim), dtype=compute)
         return (
             queries.new_empty((num_queries, dim)),
             queries.new_empty((num_queries,), dtype=torch.int32),
@@ -197,20 +204,22 @@ def _register() -> None:
         )
 
     @torch.library.register_fake("pyanomaly::hopfield_retrieve_backward")
-    def _backward_fake(grad_retrieved, memory, states, lse, iterations, beta, unrolled, grad_queries, grad_memory):
-        return memory.new_empty((states.shape[1], memory.shape[1])), memory.new_empty(memory.shape)
+    def _backward_fake(grad_retrieved, queries, memory, states, lse, iterations, beta, unrolled, grad_queries,
+                       grad_memory):
+        return memory.new_empty((queries.shape[0], memory.shape[1])), memory.new_empty(memory.shape)
 
     def _setup_context(ctx, inputs, output):
-        _queries, memory, beta, max_iter, _tol, save = inputs
+        queries, memory, beta, max_iter, _tol, save = inputs
         _retrieved, iterations, states, lse = output
         ctx.mark_non_differentiable(iterations, states, lse)
         # Otherwise autograd hands the backward a zero tensor the size of states (N * D * steps).
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(memory, states, lse, iterations)
+        # The queries are step 0's start state: kept by reference, not copied into states.
+        ctx.save_for_backward(queries, memory, states, lse, iterations)
         ctx.beta, ctx.max_iter, ctx.save = beta, max_iter, save
 
     def _backward(ctx, grad_retrieved, _grad_iterations, _grad_states, _grad_lse):
-        memory, states, lse, iterations = ctx.saved_tensors
+        queries, memory, states, lse, iterations = ctx.saved_tensors
         if grad_retrieved is None:
             return None, None, None, None, None, None
         if ctx.save == "none":
@@ -222,7 +231,7 @@ def _register() -> None:
         need_queries = ctx.needs_input_grad[0] and (unrolled or ctx.max_iter == 1)
         need_memory = ctx.needs_input_grad[1]
         grad_queries, grad_memory = torch.ops.pyanomaly.hopfield_retrieve_backward(
-            grad_retrieved, memory, states, lse, iterations, ctx.beta, unrolled, need_queries, need_memory
+            grad_retrieved, queries, memory, states, lse, iterations, ctx.beta, unrolled, need_queries, need_memory
         )
         return (
             grad_queries if need_queries else None,
