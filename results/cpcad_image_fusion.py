@@ -13,7 +13,6 @@ larger ("image_max"). Pixel maps are unchanged (the sum of the grids). One JSON 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,25 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpcad_knn import metrics  # noqa: E402
+from cpcad_two_sided import load_saved_model  # noqa: E402
 
-from pyanomaly import CPCAD  # noqa: E402
-from pyanomaly.data import MVTecDataset  # noqa: E402
 from pyanomaly.metrics import image_auroc  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--set", required=True)
-    parser.add_argument("--seed", type=int, required=True, help="the seed the model was fitted with (recorded)")
-    parser.add_argument("--model", required=True, help="a CPCAD saved with anomaly_score='combined'")
-    parser.add_argument("--out", default="results/cpcad_image_fusion.jsonl")
-    args = parser.parse_args()
-    detector = CPCAD.load(args.model, device="cpu")
-    detector.verbose = False
+    args, detector, train, test = load_saved_model(__doc__.split("\n")[0], "results/cpcad_image_fusion.jsonl")
     detector.anomaly_score, detector.infonce_sides = "combined", "both"
-    train = MVTecDataset(args.root, args.set, "train")
-    test = MVTecDataset(args.root, args.set, "test")
     train_images = [train[i].image for i in range(len(train))]
     samples = [test[i] for i in range(len(test))]
     train_sizes = [tuple(x.shape[1:]) for x in train_images]

@@ -34,18 +34,23 @@ VARIANTS = {  # name: (anomaly_score, infonce_sides)
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_saved_model(description: str, default_out: str):
+    """The saved-model scripts' arguments (--root --set --seed --model --out), the quiet CPU model and
+    the set's train and test splits."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", required=True)
     parser.add_argument("--set", required=True)
     parser.add_argument("--seed", type=int, required=True, help="the seed the model was fitted with (recorded)")
     parser.add_argument("--model", required=True, help="a CPCAD saved with anomaly_score='combined'")
-    parser.add_argument("--out", default="results/cpcad_two_sided.jsonl")
+    parser.add_argument("--out", default=default_out)
     args = parser.parse_args()
     detector = CPCAD.load(args.model, device="cpu")
     detector.verbose = False
-    train = MVTecDataset(args.root, args.set, "train")
-    test = MVTecDataset(args.root, args.set, "test")
+    return args, detector, MVTecDataset(args.root, args.set, "train"), MVTecDataset(args.root, args.set, "test")
+
+
+def main() -> None:
+    args, detector, train, test = load_saved_model(__doc__.split("\n")[0], "results/cpcad_two_sided.jsonl")
     samples = [test[i] for i in range(len(test))]
     tick = time.perf_counter()
     detector.anomaly_score = "combined"
