@@ -35,6 +35,8 @@ RUN_OUTPUTS = ("model.pt", "config.json", "metrics.json", "per_defect.csv", "hea
 #: What an interrupted, checkpointed fit leaves: ``--resume`` continues it.
 RESUMABLE = ("fit-args.json", "cpcad-checkpoint.pt", "anomem-checkpoint.pt")
 LOCK_NAME = ".pyanomaly.lock"
+#: An empty lock younger than this may be one being written (where there are no hard links): not stale.
+FRESH_EMPTY_LOCK_SECONDS = 10.0
 
 
 class RunError(Exception):
@@ -44,33 +46,83 @@ class RunError(Exception):
 # -- run folders -------------------------------------------------------------------------------
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.pyanomaly.lock`` (O_EXCL) for the block; a lock of a dead process is taken over."""
+    """Hold ``folder/.pyanomaly.lock`` for the block; a lock of a dead process is taken over.
+
+    The lock file appears atomically with its owner's pid in it (written to a private file, then
+    hard-linked into place, which fails if the lock exists), so a second process never sees an empty
+    lock and mistakes it for a stale one. A stale lock is renamed aside before it is removed, and put
+    back if what was renamed turns out to be a newer, live lock.
+    """
     lock = folder / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                raise RunError(
-                    f"run folder {folder} is in use by another pyanomaly process (pid {pid}); wait for it, "
-                    f"or delete {lock} if that process is gone"
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its process died
-        except PermissionError:
-            raise RunError(f"run folder {folder} is not writable") from None
-    else:  # pragma: no cover - a race with a third process
-        raise RunError(f"could not lock run folder {folder}")
+    mine = folder / f"{LOCK_NAME}.{os.getpid()}"
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        mine.write_text(str(os.getpid()))
+    except PermissionError:
+        raise RunError(f"run folder {folder} is not writable") from None
+    try:
+        for _ in range(5):
+            try:
+                _link_or_create(mine, lock)
+                break
+            except FileExistsError:
+                pid, inode, age = _lock_owner(lock)
+                if (pid and _alive(pid)) or (not pid and inode is not None and age < FRESH_EMPTY_LOCK_SECONDS):
+                    raise RunError(
+                        f"run folder {folder} is in use by another pyanomaly process (pid {pid or 'being written'}); "
+                        f"wait for it, or delete {lock} if that process is gone"
+                    ) from None
+                _take_over_stale(lock, inode)
+        else:  # pragma: no cover - a race with other processes
+            raise RunError(f"could not lock run folder {folder}; another process keeps taking it")
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _link_or_create(mine: Path, lock: Path) -> None:
+    """Hard-link ``mine`` as ``lock``; where the file system has no hard links, create it (O_EXCL) and write."""
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network or FAT mounts): the empty-file window comes back
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _lock_owner(lock: Path) -> tuple[int, int | None, float]:
+    """(pid written in the lock file or 0, its inode or None when it is gone, its age in seconds)."""
+    try:
+        with open(lock) as f:
+            text, stat = f.read().strip(), os.fstat(f.fileno())
+    except OSError:
+        return 0, None, 0.0
+    age = time.time() - stat.st_mtime
+    try:
+        return int(text or 0), stat.st_ino, age
+    except ValueError:
+        return 0, stat.st_ino, age
+
+
+def _take_over_stale(lock: Path, inode: int | None) -> None:
+    """Remove the stale lock ``inode``; a lock that replaced it in the meantime is left in place."""
+    if inode is None:
+        return
+    aside = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # someone else removed it
+    if os.stat(aside).st_ino != inode:  # a new owner's lock: put it back
+        try:
+            os.link(aside, lock)
+        except FileExistsError:  # pragma: no cover - three-way race
+            pass
+    aside.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

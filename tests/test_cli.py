@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,61 @@ def test_a_second_writer_is_refused_while_the_folder_is_locked(run_dir, data_roo
     # a lock left by a dead process is taken over
     assert cli.main(["evaluate", str(run), "--data", str(data_root), "--no-heatmaps"]) == 0
     assert not (run / ".pyanomaly.lock").exists()
+
+
+LOCK_RACER = """
+import os, sys, time
+from pathlib import Path
+from pyanomaly.runs import RunError, _locked
+folder = Path(sys.argv[1])
+while not (folder / "go").exists():
+    time.sleep(0.001)
+try:
+    with _locked(folder):
+        try:
+            os.close(os.open(folder / "holder", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            sys.exit(3)  # two processes inside the lock at once
+        time.sleep(0.2)
+        os.unlink(folder / "holder")
+except RunError:
+    sys.exit(2)
+"""
+
+
+def test_an_empty_lock_counts_as_held_until_it_is_old(tmp_path):
+    """An empty lock may be one whose owner has not written its pid yet: taking it over at once let
+    two concurrent fits both train into one folder. Only an old empty lock is stale."""
+    from pyanomaly.runs import FRESH_EMPTY_LOCK_SECONDS, RunError, _locked
+
+    lock = tmp_path / ".pyanomaly.lock"
+    lock.write_text("")
+    with pytest.raises(RunError, match="in use by another pyanomaly process"):
+        with _locked(tmp_path):
+            pass
+    old = time.time() - 2 * FRESH_EMPTY_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with _locked(tmp_path):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_processes_racing_for_one_lock_never_both_get_it(tmp_path, stale):
+    """Released together on an unlocked (or stale-locked) folder: one holds the lock at a time, none crashes."""
+    if stale:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (tmp_path / ".pyanomaly.lock").write_text(str(dead.pid))
+    procs = [subprocess.Popen([sys.executable, "-c", LOCK_RACER, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    time.sleep(3)  # let every racer import and wait at the gate
+    (tmp_path / "go").touch()
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert set(codes) <= {0, 2} and codes.count(0) >= 1, results
+    assert not (tmp_path / ".pyanomaly.lock").exists()
+    assert not list(tmp_path.glob(".pyanomaly.lock.*"))  # no private or set-aside files left behind
 
 
 def test_two_concurrent_fits_into_one_folder(data_root, tmp_path):
