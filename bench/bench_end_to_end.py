@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench import _harness as H
+from pyanomaly.models import _precision
 
 MODELS = ("CPCAD", "AnoMem")
 PROVIDERS = ("reference", "fused")
@@ -55,8 +56,9 @@ CONFIGS = {
 }
 
 
-# Issue 20/21's training shapes, fp32 (today's CPU default) against bf16 autocast of the encoders
-# (``python -m bench.bench_end_to_end --precision``): AnoMem's full-width CIFAR ResNet-18 at 32 px,
+# Issue 20/21's training shapes (``python -m bench.bench_end_to_end --precision``): "nchw" is the
+# earlier path (fp32, encoders in torch.contiguous_format), "fp32" today's CPU default (fp32,
+# channels_last encoders), "bf16" bf16 autocast of the channels_last encoders. AnoMem's full-width CIFAR ResNet-18 at 32 px,
 # batch 256; CPC-AD's ``cpu`` preset geometry at 128 px, batch 16, and issue 21's 256 px config
 # (patches 128/64, sub-patches 32/16), key ``CPCAD@256``. A scale is a precision, "@256" appended
 # for the second CPC-AD config.
@@ -72,12 +74,13 @@ PRECISION_CONFIGS = {
                             "widths": (32, 64, 128), "blocks": (1, 1, 1), "shared_encoder": True,
                             "prediction_steps": 3, "test_draws": 1, "bank_size": 4096}},
 }
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("nchw", "fp32", "bf16")
+DETECTOR_PRECISION = {"nchw": "fp32", "fp32": "fp32", "bf16": "bf16"}  # the `precision` argument
 PRECISION_CASES = (("AnoMem", ""), ("CPCAD", ""), ("CPCAD", "@256"))  # (model, config suffix)
 
 
 def precision_of(scale: str) -> str | None:
-    """The precision a ``--precision`` scale ("fp32", "bf16@256", ...) asks for, else None."""
+    """The case a ``--precision`` scale ("nchw", "fp32", "bf16@256", ...) asks for, else None."""
     precision = scale.split("@")[0]
     return precision if precision in PRECISIONS else None
 
@@ -146,8 +149,13 @@ def measure_e2e(model: str, provider: str, device: str, scale: str) -> dict:
     dev = torch.device(device)
     images = _images(cfg)
     result: dict = {"error": None, "input_bytes": images.numel()}
-    common = _kwargs(cfg, device, precision_of(scale))
+    case = precision_of(scale)
+    common = _kwargs(cfg, device, DETECTOR_PRECISION.get(case))
     ctx = reference_mode() if provider == "reference" else contextlib.nullcontext()
+    memory_format = _precision.ENCODER_MEMORY_FORMAT
+    if case == "nchw":
+        _precision.ENCODER_MEMORY_FORMAT = torch.contiguous_format
+    result["memory_format"] = str(_precision.ENCODER_MEMORY_FORMAT).removeprefix("torch.")
     try:
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -185,6 +193,8 @@ def measure_e2e(model: str, provider: str, device: str, scale: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - report and keep going
         msg = str(exc).splitlines()
         result["error"] = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
+    finally:
+        _precision.ENCODER_MEMORY_FORMAT = memory_format
     return result
 
 
@@ -247,8 +257,8 @@ def test_end_to_end(benchmark, e2e_case, bench_device, bench_scale):
 
 
 def main() -> None:
-    """``--precision``: fp32 vs bf16 training steps of both detectors at issue 20/21's shapes, each in
-    its own child process, interleaved by model; writes bench/results/e2e-precision-<device>.json."""
+    """``--precision``: nchw vs fp32 vs bf16 training steps of both detectors at issue 20/21's shapes,
+    each in its own child process, interleaved by model; writes bench/results/e2e-precision-<device>.json."""
     import argparse
     import json
     import os
@@ -269,10 +279,10 @@ def main() -> None:
         for precision in PRECISIONS:
             res = run_e2e(model, "fused", args.device, precision + suffix)
             cfg = config(model, precision + suffix)
-            rows.append({"op": f"e2e-{model.lower()}", "size": size_label(model, cfg), "precision": precision,
-                         "threads": torch.get_num_threads(), **res})
-            print(json.dumps({k: rows[-1].get(k) for k in ("op", "size", "precision", "steps_per_s", "peak_bytes", "error")}),
-                  flush=True)
+            rows.append({"op": f"e2e-{model.lower()}", "size": size_label(model, cfg), "case": precision,
+                         "precision": DETECTOR_PRECISION[precision], "threads": torch.get_num_threads(), **res})
+            keys = ("op", "size", "case", "memory_format", "steps_per_s", "peak_bytes", "error")
+            print(json.dumps({k: rows[-1].get(k) for k in keys}), flush=True)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"e2e-precision-{args.device}.json"
     out.write_text(json.dumps({"load_before": load_before, "load_after": os.getloadavg()[0], "rows": rows}, indent=1))
     print(f"wrote {out}")

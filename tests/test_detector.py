@@ -96,6 +96,25 @@ def test_device_errors_are_one_line():
                 cls(device="cuda:5")
 
 
+@pytest.mark.parametrize("which", ["cpcad", "anomem"])
+def test_encoder_memory_format_is_one_switch(which, request, data, monkeypatch):
+    """``_precision.ENCODER_MEMORY_FORMAT`` sets the encoder weights' layout when a model is built
+    and the inputs' at every call (the bench's "nchw" case); either layout scores the same."""
+    from pyanomaly.models import _precision
+
+    detector = request.getfixturevalue(which)
+    images = [sample[0] for sample in data[2][:4]]
+    def convs(model):  # kernels whose two layouts differ (not 1x1, not one input channel)
+        return [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+
+    assert convs(detector.model_) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs(detector.model_))
+    default = detector.decision_function(images)
+    monkeypatch.setattr(_precision, "ENCODER_MEMORY_FORMAT", torch.contiguous_format)
+    rebuilt = detector._build_model() if which == "cpcad" else detector._build_model(3, (32, 32))
+    assert convs(rebuilt) and not any(p.is_contiguous(memory_format=torch.channels_last) for p in convs(rebuilt))
+    np.testing.assert_allclose(detector.decision_function(images), default, rtol=1e-4, atol=1e-5)
+
+
 # -- inputs -----------------------------------------------------------------------------------
 def test_every_input_form_scores_the_same(cpcad, data, tmp_path):
     samples = data[2][:3]

@@ -35,11 +35,23 @@ import functools
 import torch
 
 __all__ = [
-    "PRECISIONS", "amx_bf16_cpu", "check_precision", "encoder_autocast", "native_bf16", "resolve_precision",
-    "training_precision",
+    "ENCODER_MEMORY_FORMAT", "PRECISIONS", "amx_bf16_cpu", "check_precision", "encoder_autocast",
+    "encoder_memory_format", "native_bf16", "resolve_precision", "training_precision",
 ]
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+#: The memory format of both detectors' encoder weights and inputs. channels_last made fp32
+#: convolution fwd+bwd 1.1-3.7x faster on the CPUs measured here (issue 21's table) and is what
+#: cuDNN prefers; ``torch.contiguous_format`` is the earlier path, kept for comparison
+#: (``python -m bench.bench_end_to_end --precision`` measures both). Read when a model is built and
+#: at every encoder call, so set it before building a detector.
+ENCODER_MEMORY_FORMAT = torch.channels_last
+
+
+def encoder_memory_format() -> torch.memory_format:
+    """:data:`ENCODER_MEMORY_FORMAT`, read at call time (so that a caller may change it)."""
+    return ENCODER_MEMORY_FORMAT
 
 
 def check_precision(precision: str) -> str:

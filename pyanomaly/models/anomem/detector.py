@@ -27,7 +27,7 @@ from pyanomaly.distributed import use_global_batchnorm, use_plain_batchnorm
 from pyanomaly.data import as_images, stack_resized
 from pyanomaly.models.anomem.augment import AugmentConfig, random_quarter_turns, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
-from pyanomaly.models._precision import check_precision, encoder_autocast, training_precision
+from pyanomaly.models._precision import check_precision, encoder_autocast, encoder_memory_format, training_precision
 from pyanomaly.models.base import Detector, resolve_device
 
 __all__ = ["AnoMem"]
@@ -321,7 +321,7 @@ class AnoMem(Detector):
             classifier_hidden=self.classifier_hidden,
             mean=mean,
             std=std,
-        ).to(memory_format=torch.channels_last)
+        ).to(memory_format=encoder_memory_format())
         model.encoder.checkpoint_activations = self.activation_checkpointing
         return model
 

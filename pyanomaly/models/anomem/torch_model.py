@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyanomaly.distributed import gather_rows, world
+from pyanomaly.models._precision import encoder_memory_format
 from pyanomaly.models.anomem.augment import CropParams, matching_points
 from pyanomaly.nn.hopfield import HopfieldMemory
 from pyanomaly.nn.resnet import ResNet, resnet18, resnet50
@@ -183,10 +184,11 @@ class AnoMemModel(nn.Module):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, C, H, W) in [0, 1] -> the fp32 feature map of each memory scale (B, C_s, H_s, W_s).
 
-        The encoder runs channels_last, under whatever autocast the caller set (the detector's
-        ``precision``); its outputs are cast to fp32 for the memories, heads and losses.
+        The encoder runs in ``_precision.ENCODER_MEMORY_FORMAT`` (channels_last), under whatever autocast
+        the caller set (the detector's ``precision``); its outputs are cast to fp32 for the memories,
+        heads and losses.
         """
-        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = ((images - self.mean) / self.std).contiguous(memory_format=encoder_memory_format())
         stages = self.encoder(x, num_stages=self.num_stages)
         return [stages[s - 1].float() for s in self.scales]
 

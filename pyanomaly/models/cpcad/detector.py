@@ -20,7 +20,7 @@ from pyanomaly import distributed
 from pyanomaly._progress import logger, progress
 from pyanomaly.data import as_images, stack_resized
 from pyanomaly.data._sources import ImageSource
-from pyanomaly.models._precision import check_precision, encoder_autocast, resolve_precision
+from pyanomaly.models._precision import check_precision, encoder_autocast, encoder_memory_format, resolve_precision
 from pyanomaly.models.base import Detector, resolve_device
 from pyanomaly.models.cpcad.torch_model import CREDITS, DIRECTIONS, CPCADModel, windows_from_grid, windows_to_grid
 from pyanomaly.nn.preact_resnet import STEMS
@@ -425,7 +425,7 @@ class CPCAD(Detector):
             model = self._new_model()
         for encoder in model.encoders:
             encoder.checkpoint_activations = self.activation_checkpointing
-        return model.to(self.device, memory_format=torch.channels_last)
+        return model.to(self.device, memory_format=encoder_memory_format())
 
     def _images(self, data: Any, name: str) -> list[torch.Tensor]:
         """Any accepted input (``pyanomaly.data.as_images``) -> gray uint8 (1, H, W) images."""
@@ -441,7 +441,7 @@ class CPCAD(Detector):
             batch, self.sub_size, self.sub_stride, grayscale=True, mean=self.mean, std=self.std, hflip=hflip
         )  # B G G 1 s s
         g = sub.shape[1]
-        flat = sub.reshape(-1, 1, self.sub_size, self.sub_size).contiguous(memory_format=torch.channels_last)
+        flat = sub.reshape(-1, 1, self.sub_size, self.sub_size).contiguous(memory_format=encoder_memory_format())
         with self._autocast():  # (-1: a traced graph keeps the batch axis dynamic)
             return [e.reshape(-1, g, g, self.model_.dim) for e in self.model_.encode(flat)]
 
@@ -455,7 +455,7 @@ class CPCAD(Detector):
             batch, self.patch_size, self.patch_stride, sub_size=self.sub_size, sub_stride=self.sub_stride,
             grayscale=True, mean=self.mean, std=self.std, hflip=hflip,
         )  # B nh nw m m 1 s s
-        flat = sub.reshape(-1, 1, self.sub_size, self.sub_size).contiguous(memory_format=torch.channels_last)
+        flat = sub.reshape(-1, 1, self.sub_size, self.sub_size).contiguous(memory_format=encoder_memory_format())
         with self._autocast():
             return [e.reshape(-1, m, m, e.shape[-1]) for e in self.model_.encode(flat)]
 
