@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench import _harness as H
+from pyanomaly.demo import DEMO_CONFIG
 from pyanomaly.models import _precision
 
 MODELS = ("CPCAD", "AnoMem")
@@ -74,9 +75,13 @@ PRECISION_CONFIGS = {
                             "widths": (32, 64, 128), "blocks": (1, 1, 1), "shared_encoder": True,
                             "prediction_steps": 3, "test_draws": 1, "bank_size": 4096}},
 }
+PRECISION_CONFIGS["CPCAD@demo"] = {  # the README's demo (pyanomaly.demo.DEMO_CONFIG): 64 px, batch 16
+    "n_images": 48, "channels": 1, "image_size": 64, "batch_size": 16, "extra_epochs": 4,
+    "model": {k: v for k, v in DEMO_CONFIG.items() if k not in ("image_size", "batch_size", "epochs")},
+}
 PRECISIONS = ("nchw", "fp32", "bf16")
 DETECTOR_PRECISION = {"nchw": "fp32", "fp32": "fp32", "bf16": "bf16"}  # the `precision` argument
-PRECISION_CASES = (("AnoMem", ""), ("CPCAD", ""), ("CPCAD", "@256"))  # (model, config suffix)
+PRECISION_CASES = (("AnoMem", ""), ("CPCAD", "@demo"), ("CPCAD", ""), ("CPCAD", "@256"))  # (model, config suffix)
 
 
 def precision_of(scale: str) -> str | None:
@@ -267,7 +272,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--precision", action="store_true", required=True)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", default="AnoMem,CPCAD,CPCAD@256", help="which of the cases to run")
+    parser.add_argument("--models", default="AnoMem,CPCAD@demo,CPCAD,CPCAD@256", help="which of the cases to run")
     parser.add_argument("--out", help="the JSON file (default bench/results/e2e-precision-<device>.json)")
     args = parser.parse_args()
     wanted = args.models.split(",")
