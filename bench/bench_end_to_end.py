@@ -59,10 +59,10 @@ CONFIGS = {
 
 # Issue 20/21's training shapes (``python -m bench.bench_end_to_end --precision``): "nchw" is the
 # earlier path (fp32, encoders in torch.contiguous_format), "fp32" today's CPU default (fp32,
-# channels_last encoders), "bf16" bf16 autocast of the channels_last encoders. AnoMem's full-width CIFAR ResNet-18 at 32 px,
-# batch 256; CPC-AD's ``cpu`` preset geometry at 128 px, batch 16, and issue 21's 256 px config
-# (patches 128/64, sub-patches 32/16), key ``CPCAD@256``. A scale is a precision, "@256" appended
-# for the second CPC-AD config.
+# channels_last encoders), "bf16" bf16 autocast of the channels_last encoders. AnoMem's full-width
+# CIFAR ResNet-18 at 32 px, batch 256; CPC-AD's README demo (``CPCAD@demo``, 64 px), the ``cpu``
+# preset geometry at 128 px, batch 16, and issue 21's 256 px config (patches 128/64, sub-patches
+# 32/16), key ``CPCAD@256``. A scale is a case with the config's suffix appended ("bf16@256").
 PRECISION_CONFIGS = {
     "AnoMem": {"n_images": 512, "channels": 3, "image_size": 32, "batch_size": 256, "extra_epochs": 1,
                "model": {"backbone": "resnet18", "width": 64, "small_input": True, "eval_batch_size": 256}},

@@ -104,10 +104,12 @@ def test_encoder_memory_format_is_one_switch(which, request, data, monkeypatch):
 
     detector = request.getfixturevalue(which)
     images = [sample[0] for sample in data[2][:4]]
+
     def convs(model):  # kernels whose two layouts differ (not 1x1, not one input channel)
         return [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
 
-    assert convs(detector.model_) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs(detector.model_))
+    fitted = convs(detector.model_)
+    assert fitted and all(p.is_contiguous(memory_format=torch.channels_last) for p in fitted)
     default = detector.decision_function(images)
     monkeypatch.setattr(_precision, "ENCODER_MEMORY_FORMAT", torch.contiguous_format)
     rebuilt = detector._build_model() if which == "cpcad" else detector._build_model(3, (32, 32))
