@@ -26,6 +26,7 @@ import torch
 from bench import _harness as H
 from pyanomaly.demo import DEMO_CONFIG
 from pyanomaly.models import _precision
+from pyanomaly.nn import conv as _conv
 
 MODELS = ("CPCAD", "AnoMem")
 PROVIDERS = ("reference", "fused")
@@ -58,8 +59,10 @@ CONFIGS = {
 
 
 # Issue 20/21's training shapes (``python -m bench.bench_end_to_end --precision``): "nchw" is the
-# earlier path (fp32, encoders in torch.contiguous_format), "fp32" today's CPU default (fp32,
-# channels_last encoders), "bf16" bf16 autocast of the channels_last encoders. AnoMem's full-width
+# earlier path (fp32, encoders in torch.contiguous_format, every conv through oneDNN), "cl" the
+# session-12 default (channels_last, every conv through oneDNN), "fp32" today's CPU default
+# (channels_last, CPU convs over maps no larger than their kernel as one matrix product:
+# ``pyanomaly.nn.conv``), "bf16" bf16 autocast of today's encoders. AnoMem's full-width
 # CIFAR ResNet-18 at 32 px, batch 256; CPC-AD's README demo (``CPCAD@demo``, 64 px), the ``cpu``
 # preset geometry at 128 px, batch 16, and issue 21's 256 px config (patches 128/64, sub-patches
 # 32/16), key ``CPCAD@256``. A scale is a case with the config's suffix appended ("bf16@256").
@@ -79,8 +82,9 @@ PRECISION_CONFIGS["CPCAD@demo"] = {  # the README's demo (pyanomaly.demo.DEMO_CO
     "n_images": 48, "channels": 1, "image_size": 64, "batch_size": 16, "extra_epochs": 4,
     "model": {k: v for k, v in DEMO_CONFIG.items() if k not in ("image_size", "batch_size", "epochs")},
 }
-PRECISIONS = ("nchw", "fp32", "bf16")
-DETECTOR_PRECISION = {"nchw": "fp32", "fp32": "fp32", "bf16": "bf16"}  # the `precision` argument
+PRECISIONS = ("nchw", "cl", "fp32", "bf16")
+DETECTOR_PRECISION = {"nchw": "fp32", "cl": "fp32", "fp32": "fp32", "bf16": "bf16"}  # `precision` argument
+ONEDNN_CASES = ("nchw", "cl")  # every conv through oneDNN (no matrix-product path for small maps)
 PRECISION_CASES = (("AnoMem", ""), ("CPCAD", "@demo"), ("CPCAD", ""), ("CPCAD", "@256"))  # (model, config suffix)
 
 
@@ -157,10 +161,13 @@ def measure_e2e(model: str, provider: str, device: str, scale: str) -> dict:
     case = precision_of(scale)
     common = _kwargs(cfg, device, DETECTOR_PRECISION.get(case))
     ctx = reference_mode() if provider == "reference" else contextlib.nullcontext()
-    memory_format = _precision.ENCODER_MEMORY_FORMAT
+    memory_format, small_maps_as_matmul = _precision.ENCODER_MEMORY_FORMAT, _conv.SMALL_MAPS_AS_MATMUL
     if case == "nchw":
         _precision.ENCODER_MEMORY_FORMAT = torch.contiguous_format
+    if case in ONEDNN_CASES:
+        _conv.SMALL_MAPS_AS_MATMUL = False
     result["memory_format"] = str(_precision.ENCODER_MEMORY_FORMAT).removeprefix("torch.")
+    result["small_maps_as_matmul"] = _conv.SMALL_MAPS_AS_MATMUL
     try:
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -199,7 +206,7 @@ def measure_e2e(model: str, provider: str, device: str, scale: str) -> dict:
         msg = str(exc).splitlines()
         result["error"] = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
     finally:
-        _precision.ENCODER_MEMORY_FORMAT = memory_format
+        _precision.ENCODER_MEMORY_FORMAT, _conv.SMALL_MAPS_AS_MATMUL = memory_format, small_maps_as_matmul
     return result
 
 
@@ -262,8 +269,9 @@ def test_end_to_end(benchmark, e2e_case, bench_device, bench_scale):
 
 
 def main() -> None:
-    """``--precision``: nchw vs fp32 vs bf16 training steps of both detectors at issue 20/21's shapes,
-    each in its own child process, interleaved by model; writes bench/results/e2e-precision-<device>.json."""
+    """``--precision``: nchw vs cl vs fp32 vs bf16 training steps of both detectors at issue 20/21's
+    shapes, each in its own child process, interleaved by model; writes
+    bench/results/e2e-precision-<device>.json."""
     import argparse
     import json
     import os
@@ -286,7 +294,8 @@ def main() -> None:
             cfg = config(model, precision + suffix)
             rows.append({"op": f"e2e-{model.lower()}", "size": size_label(model, cfg), "case": precision,
                          "precision": DETECTOR_PRECISION[precision], "threads": torch.get_num_threads(), **res})
-            keys = ("op", "size", "case", "memory_format", "steps_per_s", "peak_bytes", "error")
+            keys = ("op", "size", "case", "memory_format", "small_maps_as_matmul", "steps_per_s", "peak_bytes",
+                    "error")
             print(json.dumps({k: rows[-1].get(k) for k in keys}), flush=True)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"e2e-precision-{args.device}.json"
     out.write_text(json.dumps({"load_before": load_before, "load_after": os.getloadavg()[0], "rows": rows}, indent=1))

@@ -69,9 +69,10 @@ def _weight_grads(encoder: nn.Module, x: torch.Tensor, bf16: bool) -> dict[str, 
     return {name: p.grad.clone() for name, p in encoder.named_parameters()}
 
 
+@pytest.mark.parametrize("as_matmul", [False, True], ids=["onednn", "matmul"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("build", ["cpcad", "resnet18"])
-def test_bf16_weight_gradients_on_one_pixel_maps_track_fp32(build, channels_last):
+def test_bf16_weight_gradients_on_one_pixel_maps_track_fp32(build, channels_last, as_matmul, monkeypatch):
     """The case that gave garbage gradients before (results/bf16_cpu_nan.py): the last stage's stride-2
     convs see 1x1 maps. Several repeats, because the failure was intermittent on some machines.
 
@@ -80,7 +81,11 @@ def test_bf16_weight_gradients_on_one_pixel_maps_track_fp32(build, channels_last
     Through BatchNorm at random init they do not: the normalised gradients nearly cancel and bf16
     rounding moves them by up to 80% (also on 32-64 px maps, where no 1x1 map occurs), so for the
     ResNet the bound is only that the error stays below the gradient's own size, which the garbage
-    (NaN, inf, ~1e36) breaks."""
+    (NaN, inf, ~1e36) breaks. Both ways: small maps through oneDNN (the stride-dropping fix) and as
+    matrix products (the CPU default)."""
+    from pyanomaly.nn import conv
+
+    monkeypatch.setattr(conv, "SMALL_MAPS_AS_MATMUL", as_matmul)
     torch.manual_seed(0)
     if build == "cpcad":  # 8 px sub-patches: fast stem -> 2x2, then stride-2 stages -> 1x1
         encoder, x = PreActResNetEncoder(1, (8, 16, 32), (1, 1, 1), (1, 2, 2), "fast"), torch.randn(256, 1, 8, 8)
@@ -95,3 +100,123 @@ def test_bf16_weight_gradients_on_one_pixel_maps_track_fp32(build, channels_last
         for name, grad in bf16.items():
             assert torch.isfinite(grad).all(), name
             assert float((grad - fp32[name]).norm() / fp32[name].norm()) < bound, name
+
+
+# --- maps no larger than the kernel: one matrix product on CPU ---------------------------------------
+
+DENSE_GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, input size): H·W <= kh·kw
+    (3, 5, 3, 1, 1, 1, (1, 1)),
+    (3, 5, 3, 2, 1, 1, (1, 1)),
+    (3, 5, 3, 1, 1, 1, (2, 2)),
+    (3, 5, 3, 2, 1, 1, (2, 2)),
+    (3, 5, 3, 2, 1, 1, (3, 3)),
+    (3, 5, 3, 1, 0, 1, (3, 3)),
+    (2, 4, 3, 1, 2, 2, (2, 3)),
+    (2, 4, (3, 5), (1, 2), (1, 2), 1, (3, 2)),
+    (1, 6, 7, 2, 3, 1, (6, 6)),
+    (4, 3, 1, 1, 0, 1, (1, 1)),
+    (4, 3, 1, 2, 0, 1, (1, 1)),
+]
+
+
+def _dense_pair(cin, cout, kernel, stride, padding, dilation, bias=True):
+    torch.manual_seed(0)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
+    plain = nn.Conv2d(cin, cout, kernel, **kwargs).double()
+    safe = StrideSafeConv2d(cin, cout, kernel, **kwargs).double()
+    safe.load_state_dict(plain.state_dict())
+    return plain, safe
+
+
+def _no_conv(monkeypatch):
+    """From here on, F.conv2d (what nn.Conv2d and the fallback call) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.conv2d ran: the matrix-product path was not taken")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", refuse)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("geometry", DENSE_GEOMETRIES, ids=str)
+def test_small_maps_run_as_one_matmul_with_nn_conv2d_results(geometry, bias, layout, monkeypatch):
+    cin, cout, kernel, stride, padding, dilation, size = geometry
+    plain, safe = _dense_pair(cin, cout, kernel, stride, padding, dilation, bias)
+    x = torch.randn(3, cin, *size, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other sample of a larger batch: not contiguous in any format
+        x = torch.randn(6, cin, *size, dtype=torch.float64)[::2]
+    x_plain, x_safe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_plain = plain(x_plain)
+    g = torch.randn_like(y_plain)
+    (y_plain * g).sum().backward()
+    _no_conv(monkeypatch)
+    y_safe = safe(x_safe)
+    (y_safe * g).sum().backward()
+    assert y_safe.shape == y_plain.shape
+    torch.testing.assert_close(y_safe, y_plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_safe.grad, x_plain.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(safe.weight.grad, plain.weight.grad, rtol=1e-12, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(safe.bias.grad, plain.bias.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", [DENSE_GEOMETRIES[i] for i in (1, 3, 6, 7)], ids=str)
+def test_gradcheck_of_the_matmul_path(geometry, monkeypatch):
+    cin, cout, kernel, stride, padding, dilation, size = geometry
+    _, safe = _dense_pair(cin, cout, kernel, stride, padding, dilation)
+    x = torch.randn(2, cin, *size, dtype=torch.float64, requires_grad=True)
+    _no_conv(monkeypatch)
+
+    def run(x, weight, bias):
+        return safe._conv_forward(x, weight, bias)
+
+    assert torch.autograd.gradcheck(run, (x, safe.weight, safe.bias))
+    assert torch.autograd.gradgradcheck(run, (x, safe.weight, safe.bias))
+
+
+def test_matmul_path_output_layout_empty_batch_and_switch(monkeypatch):
+    from pyanomaly.nn import conv
+
+    _, safe = _dense_pair(3, 5, 3, 2, 1, 1)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real_conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or real_conv2d(*a, **k))
+    y = safe(x)
+    assert not calls and y.is_contiguous(memory_format=torch.channels_last)
+    assert safe(x[:0]).shape == (0, 5, 1, 1)
+    assert not calls
+    monkeypatch.setattr(conv, "SMALL_MAPS_AS_MATMUL", False)
+    torch.testing.assert_close(safe(x), y, rtol=1e-12, atol=1e-12)
+    assert calls  # switched off: oneDNN's conv, the same result
+    calls.clear()
+    safe(torch.randn(1, 3, 4, 4, dtype=torch.float64))  # 16 > 9 taps: always the conv
+    assert calls
+    with pytest.raises(RuntimeError):  # an empty output: the conv's own error, not the matmul's
+        StrideSafeConv2d(1, 1, 3)(torch.randn(1, 1, 1, 1))
+
+
+def test_matmul_path_bf16_error_at_most_twice_the_convs():
+    """Under CPU bf16 autocast the product runs in bf16 like the conv; its error against the float64
+    result stays within twice the conv's (the low-precision rule of the ops)."""
+    from pyanomaly.nn import conv
+
+    torch.manual_seed(0)
+    safe = StrideSafeConv2d(64, 64, 3, padding=1)
+    x = torch.randn(512, 64, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        truth = torch.nn.functional.conv2d(x.double(), safe.weight.double(), safe.bias.double(), padding=1)
+    errors = {}
+    for as_matmul in (False, True):
+        conv.SMALL_MAPS_AS_MATMUL = as_matmul
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = safe(x)
+        finally:
+            conv.SMALL_MAPS_AS_MATMUL = True
+        assert out.dtype == torch.bfloat16
+        errors[as_matmul] = float((out.detach().double() - truth).abs().max())
+    assert errors[True] <= 2 * errors[False], errors
+

@@ -456,3 +456,29 @@ def test_folder_datasets_are_read_from_their_files(data):
 def test_cache_images_takes_the_command_line_text():
     assert CPCAD(**{**CPCAD_TINY, "cache_images": "false"}).cache_images is False
     assert AnoMem(**{**ANOMEM_TINY, "cache_images": "True"}).cache_images is True
+
+
+@pytest.mark.parametrize(
+    "flags, warns",
+    [(frozenset({"avx2"}), True), (frozenset({"avx2", "avx512_bf16"}), False),
+     (frozenset({"amx_bf16"}), False), (frozenset(), False)],
+)
+def test_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch, flags, warns):
+    """precision="bf16" on a CPU whose flags show no bf16 instructions: one warning that says it is
+    emulated and what to pick instead; unknown flags (empty) and bf16 CPUs stay silent."""
+    import warnings
+
+    import pyanomaly.models._precision as precision_module
+
+    monkeypatch.setattr(precision_module, "_cpu_flags", lambda: flags)
+    precision_module._warn_emulated_bf16.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert precision_module.resolve_precision("bf16", "cpu") == "bf16"
+        assert precision_module.resolve_precision("auto", "cpu") == "fp32"
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == (1 if warns else 0), messages
+    if warns:
+        assert "precision='bf16'" in messages[0] and "emulates" in messages[0] and "'fp32'" in messages[0]
+    precision_module._warn_emulated_bf16.cache_clear()

@@ -23,20 +23,23 @@ with AMX, "auto" trains its ResNet encoder under bf16 autocast (1.6-1.7x faster 
 a safety net for kernel bugs not covered above: the first step with a non-finite gradient is
 skipped and the rest of the fit runs in fp32. Its scoring and export stay fp32 on CPUs.
 
-``"bf16"`` forces autocast (the user's choice, on any device), ``"fp32"`` turns it off. What follows
-the encoders (CPC-AD's predictors, InfoNCE and scores; AnoMem's memories, projections and NT-Xent)
-always runs in fp32: the detectors cast the encoder outputs explicitly.
+``"bf16"`` forces autocast (the user's choice, on any device; on a CPU without bf16 instructions,
+such as the AVX2-only AMD EPYC where CPC-AD trained 6-10x slower in bf16 than in fp32, it warns
+once), ``"fp32"`` turns it off. What follows the encoders (CPC-AD's predictors, InfoNCE and scores;
+AnoMem's memories, projections and NT-Xent) always runs in fp32: the detectors cast the encoder
+outputs explicitly.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 __all__ = [
-    "ENCODER_MEMORY_FORMAT", "PRECISIONS", "amx_bf16_cpu", "check_precision", "encoder_autocast",
-    "encoder_memory_format", "native_bf16", "resolve_precision", "training_precision",
+    "ENCODER_MEMORY_FORMAT", "PRECISIONS", "amx_bf16_cpu", "check_precision", "emulated_bf16_cpu",
+    "encoder_autocast", "encoder_memory_format", "native_bf16", "resolve_precision", "training_precision",
 ]
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -95,10 +98,31 @@ def training_precision(precision: str, device: torch.device | str) -> str:
     return resolve_precision(precision, device)
 
 
+def emulated_bf16_cpu() -> bool:
+    """Whether this CPU is known to lack bf16 instructions (Linux flags without ``avx512_bf16``,
+    ``amx_bf16`` or ``avx_ne_convert``; unknown flags count as not known to lack them)."""
+    flags = _cpu_flags()
+    return bool(flags) and not flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"}
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_emulated_bf16() -> None:
+    """Once per process: bf16 chosen on a CPU that emulates it."""
+    warnings.warn(
+        "precision='bf16' on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 flag): "
+        "oneDNN emulates it, 6-10x slower than fp32 (CPC-AD's training steps on a 2-core AVX2 AMD "
+        "EPYC, bench/README.md); precision='auto' or 'fp32' runs fp32 on CPUs",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """"bf16" or "fp32": what ``precision`` means on ``device``."""
+    """"bf16" or "fp32": what ``precision`` means on ``device`` (warns once if bf16 would be emulated)."""
     if check_precision(precision) == "auto":
         return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and torch.device(device).type == "cpu" and emulated_bf16_cpu():
+        _warn_emulated_bf16()
     return precision
 
 

@@ -213,8 +213,8 @@ class CPCAD(Detector):
     #:   textures pixel 0.60 -> 0.84 / 0.28 -> 0.78, the blurred "smudge" defects 0.49 -> 0.81 /
     #:   0.16 -> 0.81, image AUROC -0.03 / +0.03. The shared encoder and fast stem: four encoders
     #:   gave magnetic_tile pixel AUROC +0.014 but image AUROC -0.054 for 2.6x the fit (3 seeds); the
-    #:   GIM stem 7x the fit and no gain (seed 0). About 2 s an epoch per 100 images on 2 idle cores:
-    #:   ~5 minutes for 100 images, ~15 for 300.
+    #:   GIM stem 7x the fit and no gain (seed 0). About 2-2.5 s an epoch per 100 images on 2 idle
+    #:   cores: ~5-7 minutes for 100 images (395 s on magnetic_tile, AVX2 EPYC), ~15-20 for 300.
     PRESETS = {
         "paper": dict(
             image_size=768, patch_size=256, patch_stride=128, sub_size=64, sub_stride=32, stem="gim",
