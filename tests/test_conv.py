@@ -183,7 +183,7 @@ def test_matmul_path_output_layout_empty_batch_and_switch(monkeypatch):
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     calls = []
     real_conv2d = torch.nn.functional.conv2d
-    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or real_conv2d(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **kw: calls.append(1) or real_conv2d(*a, **kw))
     y = safe(x)
     assert not calls and y.is_contiguous(memory_format=torch.channels_last)
     assert safe(x[:0]).shape == (0, 5, 1, 1)
@@ -220,3 +220,17 @@ def test_matmul_path_bf16_error_at_most_twice_the_convs():
         errors[as_matmul] = float((out.detach().double() - truth).abs().max())
     assert errors[True] <= 2 * errors[False], errors
 
+
+
+def test_matmul_path_keeps_the_conv_beyond_the_dense_size_cap(monkeypatch):
+    """A dense matrix above MAX_DENSE_ENTRIES (wide convs on 3x3 maps) stays a conv: no 100 MB index."""
+    from pyanomaly.nn import conv
+
+    small = StrideSafeConv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 3, 3)
+    assert small._runs_as_matmul(x)  # 9·8 x 9·8 entries
+    monkeypatch.setattr(conv, "MAX_DENSE_ENTRIES", 9 * 8 * 9 * 8 - 1)
+    assert not small._runs_as_matmul(x)
+    monkeypatch.undo()
+    assert not StrideSafeConv2d(512, 512, 3, padding=1)._runs_as_matmul(torch.randn(1, 512, 3, 3))
+    assert StrideSafeConv2d(1, 1, 3, padding=2)._runs_as_matmul(torch.randn(1, 1, 1, 1))  # output 3x3 > input

@@ -37,11 +37,15 @@ from torch import nn
 
 from pyanomaly.ops._utils import tracing
 
-__all__ = ["SMALL_MAPS_AS_MATMUL", "StrideSafeConv2d"]
+__all__ = ["MAX_DENSE_ENTRIES", "SMALL_MAPS_AS_MATMUL", "StrideSafeConv2d"]
 
 #: Whether CPU convs over maps no larger than their kernel run as one matrix product (read at each
 #: call; the benchmarks switch it off to time the earlier oneDNN path).
 SMALL_MAPS_AS_MATMUL = True
+
+#: The largest dense matrix (entries) the product path builds: its cached int64 index and the
+#: gathered weights stay under 48 MB (a 3x3 conv of 512 channels on a 3x3 map would need 21M).
+MAX_DENSE_ENTRIES = 1 << 22
 
 
 @functools.lru_cache(maxsize=256)
@@ -91,10 +95,9 @@ class StrideSafeConv2d(nn.Conv2d):
         )
 
     def _runs_as_matmul(self, input: torch.Tensor) -> bool:
-        """Whether ``input`` (N, C_in, H, W) runs as a matrix product: eager CPU, zero padding, one group
-        and H·W <= kh·kw."""
-        height, width = input.shape[-2:]
-        return (
+        """Whether ``input`` (N, C_in, H, W) runs as a matrix product: eager CPU, zero padding, one group,
+        H·W <= kh·kw and a dense matrix of at most ``MAX_DENSE_ENTRIES``."""
+        if not (
             SMALL_MAPS_AS_MATMUL
             and input.device.type == "cpu"
             and not tracing()  # exported and compiled graphs keep the plain conv
@@ -102,11 +105,15 @@ class StrideSafeConv2d(nn.Conv2d):
             and self.groups == 1
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
-            and height * width <= self.kernel_size[0] * self.kernel_size[1]
-            and all(  # an empty output: F.conv2d raises its own error
-                n + 2 * p - d * (k - 1) >= 1
-                for n, p, d, k in zip((height, width), self.padding, self.dilation, self.kernel_size)
-            )
+        ):
+            return False
+        height, width = input.shape[-2:]
+        geometry = zip((height, width), self.stride, self.padding, self.dilation, self.kernel_size)
+        out_h, out_w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, s, p, d, k in geometry)
+        return (
+            height * width <= self.kernel_size[0] * self.kernel_size[1]
+            and out_h >= 1 and out_w >= 1  # an empty output: F.conv2d raises its own error
+            and height * width * self.in_channels * out_h * out_w * self.out_channels <= MAX_DENSE_ENTRIES
         )
 
     def _dense_forward(
