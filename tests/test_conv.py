@@ -11,10 +11,10 @@ from pyanomaly.nn.preact_resnet import PreActResNetEncoder
 from pyanomaly.nn.resnet import resnet18
 
 
-def _pair(kernel: int, stride: int, **kwargs) -> tuple[nn.Conv2d, StrideSafeConv2d]:
+def _pair(kernel, stride, in_channels=3, out_channels=5, **kwargs) -> tuple[nn.Conv2d, StrideSafeConv2d]:
     torch.manual_seed(0)
-    plain = nn.Conv2d(3, 5, kernel, stride=stride, **kwargs).double()
-    safe = StrideSafeConv2d(3, 5, kernel, stride=stride, **kwargs).double()
+    plain = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, **kwargs).double()
+    safe = StrideSafeConv2d(in_channels, out_channels, kernel, stride=stride, **kwargs).double()
     safe.load_state_dict(plain.state_dict())
     return plain, safe
 
@@ -119,15 +119,6 @@ DENSE_GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, input size)
 ]
 
 
-def _dense_pair(cin, cout, kernel, stride, padding, dilation, bias=True):
-    torch.manual_seed(0)
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
-    plain = nn.Conv2d(cin, cout, kernel, **kwargs).double()
-    safe = StrideSafeConv2d(cin, cout, kernel, **kwargs).double()
-    safe.load_state_dict(plain.state_dict())
-    return plain, safe
-
-
 def _no_conv(monkeypatch):
     """From here on, F.conv2d (what nn.Conv2d and the fallback call) fails the test."""
     def refuse(*args, **kwargs):
@@ -141,7 +132,7 @@ def _no_conv(monkeypatch):
 @pytest.mark.parametrize("geometry", DENSE_GEOMETRIES, ids=str)
 def test_small_maps_run_as_one_matmul_with_nn_conv2d_results(geometry, bias, layout, monkeypatch):
     cin, cout, kernel, stride, padding, dilation, size = geometry
-    plain, safe = _dense_pair(cin, cout, kernel, stride, padding, dilation, bias)
+    plain, safe = _pair(kernel, stride, cin, cout, padding=padding, dilation=dilation, bias=bias)
     x = torch.randn(3, cin, *size, dtype=torch.float64)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -165,7 +156,7 @@ def test_small_maps_run_as_one_matmul_with_nn_conv2d_results(geometry, bias, lay
 @pytest.mark.parametrize("geometry", [DENSE_GEOMETRIES[i] for i in (1, 3, 6, 7)], ids=str)
 def test_gradcheck_of_the_matmul_path(geometry, monkeypatch):
     cin, cout, kernel, stride, padding, dilation, size = geometry
-    _, safe = _dense_pair(cin, cout, kernel, stride, padding, dilation)
+    _, safe = _pair(kernel, stride, cin, cout, padding=padding, dilation=dilation)
     x = torch.randn(2, cin, *size, dtype=torch.float64, requires_grad=True)
     _no_conv(monkeypatch)
 
@@ -179,7 +170,7 @@ def test_gradcheck_of_the_matmul_path(geometry, monkeypatch):
 def test_matmul_path_output_layout_empty_batch_and_switch(monkeypatch):
     from pyanomaly.nn import conv
 
-    _, safe = _dense_pair(3, 5, 3, 2, 1, 1)
+    _, safe = _pair(3, 2, padding=1)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     calls = []
     real_conv2d = torch.nn.functional.conv2d

@@ -48,6 +48,12 @@ SMALL_MAPS_AS_MATMUL = True
 MAX_DENSE_ENTRIES = 1 << 22
 
 
+def _output_size(size, stride, padding, dilation, kernel_size) -> tuple[int, int]:
+    """(H', W') of a zero-padded conv over a (H, W) map (below 1: an empty output)."""
+    geometry = zip(size, stride, padding, dilation, kernel_size)
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, s, p, d, k in geometry)
+
+
 @functools.lru_cache(maxsize=256)
 def _dense_taps(
     weight_shape: tuple[int, int, int, int],
@@ -64,8 +70,7 @@ def _dense_taps(
     """
     out_channels, in_channels, kernel_h, kernel_w = weight_shape
     height, width = size
-    out_h = (height + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    out_h, out_w = _output_size(size, stride, padding, dilation, (kernel_h, kernel_w))
     taps = torch.arange(out_channels * in_channels * kernel_h * kernel_w).view(weight_shape)
     shape = (out_h, out_w, out_channels, height, width, in_channels)
     index = torch.full(shape, taps.numel(), dtype=torch.long)
@@ -108,8 +113,9 @@ class StrideSafeConv2d(nn.Conv2d):
         ):
             return False
         height, width = input.shape[-2:]
-        geometry = zip((height, width), self.stride, self.padding, self.dilation, self.kernel_size)
-        out_h, out_w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, s, p, d, k in geometry)
+        out_h, out_w = _output_size(
+            (height, width), self.stride, self.padding, self.dilation, self.kernel_size
+        )
         return (
             height * width <= self.kernel_size[0] * self.kernel_size[1]
             and out_h >= 1 and out_w >= 1  # an empty output: F.conv2d raises its own error
