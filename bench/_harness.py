@@ -84,7 +84,8 @@ class OpSpec:
         fused_module / ref_name: where the public op looks up its reference, for :func:`probe_fused`.
         compile_ref: whether to add a ``compiled-ref`` provider.
         memory_bound: a data-movement op (patches): on CPU its rows get ``copy_fraction``, the
-            achieved bytes/s over the measured copy bandwidth.
+            achieved bytes/s over the measured copy bandwidth (and ``warm_copy_fraction``, over that
+            of a copy into a reused destination).
     """
 
     name: str
@@ -529,8 +530,9 @@ def roofline(device: str, quick: bool = False) -> dict:
     """Measured device copy bandwidth (bytes read + written per second) and fp32 matmul rate.
 
     On CPU the copy is ``torch.empty_like(x).copy_(x)`` of a 256 MiB tensor (a fresh destination
-    each time, as a kernel writing a new output gets; page faults included), median of 7; the
-    matmul is left out (the CPU rows report fractions of the copy bandwidth only)."""
+    each time, as a kernel writing a new output gets; page faults included), median of 7, and the
+    same copy into one reused destination (``warm_copy_bytes_per_s``: no page faults, the memory's
+    own bandwidth); the matmul is left out (the CPU rows report fractions of the copies only)."""
     dev = torch.device(device)
 
     def best(fn, reps=10):
@@ -540,7 +542,10 @@ def roofline(device: str, quick: bool = False) -> dict:
     if dev.type != "cuda":
         src = torch.randn((16 if quick else 64) * 2**20)
         t_copy = best(lambda: torch.empty_like(src).copy_(src), reps=7)
-        return {"copy_bytes_per_s": 2 * src.numel() * 4 / t_copy, "copy_bytes": src.numel() * 4}
+        dst = torch.empty_like(src)
+        t_warm = best(lambda: dst.copy_(src), reps=7)
+        return {"copy_bytes_per_s": 2 * src.numel() * 4 / t_copy, "copy_bytes": src.numel() * 4,
+                "warm_copy_bytes_per_s": 2 * src.numel() * 4 / t_warm}
     n = (64 if quick else 512) * 2**20  # floats
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
@@ -574,6 +579,8 @@ def derived(spec: OpSpec, case: Case, result: dict, roof: dict) -> dict:
         out["bound"] = "memory" if nbytes / roof["copy_bytes_per_s"] >= nflops / roof["matmul_flops_per_s"] else "compute"
     elif roof and spec.memory_bound:  # CPU: the fraction of the measured copy bandwidth (read + written)
         out["copy_fraction"] = nbytes / t / roof["copy_bytes_per_s"]
+        if roof.get("warm_copy_bytes_per_s"):
+            out["warm_copy_fraction"] = nbytes / t / roof["warm_copy_bytes_per_s"]
     return out
 
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 
 from bench import _harness as H
-from pyanomaly.ops import extract_patches, extract_patches_ref, fold_patches, fold_patches_ref
+from pyanomaly.ops import extract_patches, extract_patches_ref, fold_patches, fold_patches_ref, huge_pages
+
+
+
+def _small_pages(op, *args, **kwargs):
+    """The fused op without its huge-page advice (`pyanomaly.ops.huge_pages`): the earlier path."""
+    with huge_pages(False):
+        return op(*args, **kwargs)
+
 
 # --------------------------------------------------------------------------------------------
 # extract_patches
@@ -73,6 +81,8 @@ EXTRACT = H.OpSpec(
     providers={
         "reference": lambda x, p: extract_patches_ref(x["images"], p["size"], p["stride"], **_extract_kwargs(x, p)),
         "fused": lambda x, p: extract_patches(x["images"], p["size"], p["stride"], **_extract_kwargs(x, p)),
+        "fused-4k-pages": lambda x, p: _small_pages(extract_patches, x["images"], p["size"], p["stride"],
+                                                    **_extract_kwargs(x, p)),
     },
     out_shape=lambda p: (_extract_out_numel(p),),
     modes=("fwd",),  # uint8 images: nothing to differentiate
@@ -132,6 +142,8 @@ FOLD = H.OpSpec(
     providers={
         "reference": lambda x, p: fold_patches_ref(x["scores"], p["size"], p["stride"], (p["H"], p["W"])),
         "fused": lambda x, p: fold_patches(x["scores"], p["size"], p["stride"], (p["H"], p["W"])),
+        "fused-4k-pages": lambda x, p: _small_pages(fold_patches, x["scores"], p["size"], p["stride"],
+                                                    (p["H"], p["W"])),
     },
     out_shape=lambda p: (p["B"],) + ((p["C"],) if p["C"] else ()) + (p["H"], p["W"]),
     grad_inputs=("scores",),

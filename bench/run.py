@@ -150,7 +150,8 @@ def _note(r: dict) -> str:
     if "steps_per_s" in r:
         notes.append(f"{r['steps_per_s']:.3g} steps/s")
     if r.get("copy_fraction") is not None:
-        notes.append(f"{100 * r['copy_fraction']:.0f}% of copy bandwidth")
+        warm = f" ({100 * r['warm_copy_fraction']:.0f}% of warm copy)" if r.get("warm_copy_fraction") else ""
+        notes.append(f"{100 * r['copy_fraction']:.0f}% of copy bandwidth{warm}")
     if r.get("roofline_fraction") is not None:
         notes.append(f"{100 * r['roofline_fraction']:.0f}% of {r['bound']} roofline")
     if r.get("hwm_reset") is False:
@@ -202,7 +203,10 @@ def markdown(meta: dict, rows: list) -> str:
     elif meta.get("roofline"):
         rf = meta["roofline"]
         head += (f"Copy bandwidth: {rf['copy_bytes_per_s'] / 1e9:.1f} GB/s read + written "
-                 f"(`torch.empty_like(x).copy_(x)`, {rf['copy_bytes'] / 2**20:.0f} MiB, measured this run).\n")
+                 f"(`torch.empty_like(x).copy_(x)`, {rf['copy_bytes'] / 2**20:.0f} MiB, measured this run)")
+        if rf.get("warm_copy_bytes_per_s"):
+            head += f"; warm copy (into one reused destination) {rf['warm_copy_bytes_per_s'] / 1e9:.1f} GB/s"
+        head += ".\n"
     head += ("median: each row in its own process (CPU); interleaved: the providers of one op, size and mode "
              "timed round-robin in one process (median of every round). speedup = reference time / this "
              "time (il.: interleaved); mem vs ref = this peak / reference peak (same op, size and mode, "

@@ -2,6 +2,8 @@
 // (the TORCH_LIBRARY_FRAGMENT blocks in ops/, cpu/ and cuda/), and it reports how it was built.
 #include <torch/extension.h>
 
+#include "pyanomaly/huge_pages.h"
+
 #ifndef PYANOMALY_TORCH_VERSION
 #define PYANOMALY_TORCH_VERSION "unknown"
 #endif
@@ -25,4 +27,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+  m.def("huge_pages_enabled", []() { return pyanomaly::huge_pages_enabled().load(); });
+  m.def("set_huge_pages", [](bool enabled) { return pyanomaly::huge_pages_enabled().exchange(enabled); },
+        "Switch the CPU kernels' huge-page advice for large outputs; returns the previous setting");
 }

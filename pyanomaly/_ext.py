@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "load_error", "reference_mode"]
+__all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "huge_pages", "load_error", "reference_mode"]
 
 REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
 
@@ -108,6 +108,23 @@ def reference_mode(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _force_reference = previous
+
+
+@contextlib.contextmanager
+def huge_pages(enabled: bool = True) -> Iterator[None]:
+    """Within this context the CPU patch kernels do (or, with False, do not) advise the kernel to back
+    their large outputs with 2 MiB transparent huge pages. On (default; ``PYANOMALY_HUGE_PAGES=0`` in the
+    environment turns it off at import): a fresh output of tens of MB is then written without a page
+    fault per 4 KiB, the same values 2-5x faster on Linux with THP in "madvise" or "always" mode. Off
+    Linux, with THP "never", or without the compiled kernels, it changes nothing."""
+    if _C is None or not hasattr(_C, "set_huge_pages"):
+        yield
+        return
+    previous = _C.set_huge_pages(bool(enabled))
+    try:
+        yield
+    finally:
+        _C.set_huge_pages(previous)
 
 
 def load_error() -> str | None:

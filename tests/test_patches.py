@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 from pyanomaly import _ext
-from pyanomaly.ops import extract_patches, extract_patches_ref, fold_patches, fold_patches_ref
+from pyanomaly.ops import extract_patches, extract_patches_ref, fold_patches, fold_patches_ref, huge_pages
 from pyanomaly.ops import patches as patches_module
 
 OPS = torch.ops.pyanomaly
@@ -408,6 +411,50 @@ def test_fold_bad_input(name):
     call, error, pattern = BAD_FOLD[name]
     with pytest.raises(error, match=pattern):
         call()
+
+
+def _vma_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux), or None."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(v, 16) for v in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+THP_AVAILABLE = sys.platform == "linux" and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_AVAILABLE, reason="transparent huge pages are a Linux feature")
+@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="needs the compiled kernels")
+def test_large_outputs_are_advised_huge_pages_and_values_do_not_change():
+    """Outputs over 32 MiB (always their own mmap) get MADV_HUGEPAGE ("hg" in VmFlags) before they are
+    written; with the advice off the values are the same, bit for bit, and equal the reference's. The
+    fold's CPC-AD grid also spans several parallel tasks, so rows copied from the row above meet task
+    boundaries."""
+    images = make_images((2, 1, 768, 768), torch.uint8)
+    scores = torch.randn(16, 23, 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    results, default = {}, _ext._C.huge_pages_enabled()
+    for enabled in (True, False):
+        with huge_pages(enabled):
+            assert _ext._C.huge_pages_enabled() is enabled
+            patches = extract_patches(images, 256, 128, sub_size=64, sub_stride=32, mean=[0.5], std=[0.25])
+            folded = fold_patches(scores, 64, 32, (768, 768))
+        if enabled:
+            for out in (patches, folded):
+                assert out.nbytes > 32 * 2**20
+                assert "hg" in (_vma_flags(out.data_ptr() + out.nbytes // 2) or []), "no huge-page advice"
+        results[enabled] = (patches, folded)
+    assert _ext._C.huge_pages_enabled() is default  # restored on leaving
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+    ref = extract_patches_ref(images, 256, 128, sub_size=64, sub_stride=32, mean=[0.5], std=[0.25])
+    torch.testing.assert_close(results[True][0], ref)
+    torch.testing.assert_close(results[True][1], fold_patches_ref(scores.double(), 64, 32, (768, 768)).float())
 
 
 # The compiled ops check their arguments too (they can be called directly).

@@ -13,6 +13,7 @@
 
 #include "pyanomaly/check.h"
 #include "pyanomaly/cpu_isa.h"
+#include "pyanomaly/huge_pages.h"
 #include "pyanomaly/patches_args.h"
 
 namespace pyanomaly {
@@ -136,6 +137,7 @@ at::Tensor extract_patches_cpu(const at::Tensor& images, at::IntArrayRef size, a
   const auto affine = patches::channel_affine(mean, stdev, g.out_channels, images.scalar_type() == at::kByte);
   auto out = at::empty(g.output_shape(), images.options().dtype(dtype));
   if (out.numel() == 0) return out;
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   const at::Tensor flip = hflip.has_value() ? hflip->contiguous() : at::Tensor();
   const bool* flip_ptr = flip.defined() ? flip.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "extract_patches", [&] {
@@ -225,6 +227,7 @@ at::Tensor extract_patches_backward_cpu(const at::Tensor& grad, at::IntArrayRef 
   auto grad_images = at::empty(images_shape, grad.options().dtype(images_dtype));
   if (grad_images.numel() == 0) return grad_images;
   if (grad.numel() == 0) return grad_images.zero_();
+  advise_huge_pages(grad_images.data_ptr(), grad_images.nbytes());
   const at::Tensor flip = hflip.has_value() ? hflip->contiguous() : at::Tensor();
   const bool* flip_ptr = flip.defined() ? flip.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "extract_patches_backward", [&] {
@@ -244,6 +247,8 @@ struct FoldSegment {
 // Output rows [begin, end) of the flat (b, c, y) order. A row is constant on each segment: per row the
 // covering patch rows' values are summed per patch column (increasing i), then per segment over its
 // columns in increasing j (the order of a plain per-pixel loop), and the segment is filled with it.
+// Consecutive rows covered by the same patch rows are equal, so such a row is a copy of the one above
+// it (still in cache): only one row per run of rows is computed, and the kernel runs at store speed.
 template <typename scalar_t, typename acc_t>
 PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, std::array<int64_t, 4> strides,
                               const FoldSegment* segments, int64_t n_segments, bool mean, scalar_t* out0,
@@ -256,6 +261,12 @@ PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, st
     const int64_t b = row / (f.height * f.channels);
     const int64_t i_first = first_covering(y, f.size_h, f.stride_h);
     const int64_t i_last = std::min(f.nh - 1, y / f.stride_h);
+    scalar_t* dst = out0 + row * f.width;
+    if (row > begin && y > 0 && first_covering(y - 1, f.size_h, f.stride_h) == i_first &&
+        std::min(f.nh - 1, (y - 1) / f.stride_h) == i_last) {  // same (b, c) and covering rows as the row above
+      std::copy(dst - f.width, dst, dst);
+      continue;
+    }
     const scalar_t* src = values0 + b * vb + c * vc;
     for (int64_t j = 0; j < f.nw; ++j) {
       acc_t sum = 0;
@@ -263,7 +274,6 @@ PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, st
       column_sum[j] = sum;
     }
     const int64_t rows_covering = std::max<int64_t>(0, i_last - i_first + 1);
-    scalar_t* dst = out0 + row * f.width;
     for (int64_t s = 0; s < n_segments; ++s) {
       const FoldSegment& seg = segments[s];
       acc_t sum = 0;
@@ -304,6 +314,7 @@ at::Tensor fold_patches_cpu(const at::Tensor& values, at::IntArrayRef size, at::
   const auto f = patches::check_fold(values, size, stride, output_size);
   auto out = at::empty({f.batch, f.channels, f.height, f.width}, values.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "fold_patches",
                                   [&] { fold_forward_kernel<scalar_t>(f, values, mean, out); });
   return out;
