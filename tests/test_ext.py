@@ -63,3 +63,16 @@ def test_stale_extension_missing_an_op_is_not_used(monkeypatch):
     _ext._load()
     assert "out of date" in _ext.load_error() and "no_such_op" in _ext.load_error()
     assert not _ext.has_kernels("cpu")
+
+
+def test_huge_pages_switch_without_kernels_changes_nothing(monkeypatch):
+    """``pyanomaly.ops.huge_pages`` is a no-op when the extension is missing or predates the switch."""
+    from pyanomaly.ops import huge_pages
+
+    class OldExtension:  # a build from before the switch existed
+        pass
+
+    for stand_in in (None, OldExtension()):
+        monkeypatch.setattr(_ext, "_C", stand_in)
+        with huge_pages(False):
+            pass
