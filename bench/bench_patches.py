@@ -16,7 +16,6 @@ from bench import _harness as H
 from pyanomaly.ops import extract_patches, extract_patches_ref, fold_patches, fold_patches_ref, huge_pages
 
 
-
 def _small_pages(op, *args, **kwargs):
     """The fused op without its huge-page advice (`pyanomaly.ops.huge_pages`): the earlier path."""
     with huge_pages(False):

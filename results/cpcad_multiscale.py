@@ -4,8 +4,8 @@ The same trained encoders and predictors score the images a second time at ``--c
 `cpu` preset's 128 px -> 64 px: each 16 px sub-patch then covers twice the tile's width, a window of
 7 x 7 sub-patches the whole image), with their own negative bank and per-position statistics from the
 training images at that size. Both standardised grids become maps at the evaluation size and are
-summed (``w`` x the coarse one); image scores are each scale's image score standardised by the
-training images' and summed likewise. The question: does a larger relative field of view find the
+summed (``w`` x the coarse one) or maxed (``max``); image scores are each scale's image score
+standardised by the training images' and combined likewise. The question: does a larger relative field of view find the
 large-area defects (magnetic_tile's "uneven") that the fine grid misses? From saved models
 (``results/cpcad_knn.py --model``); one JSON line per model and weight appended to ``--out``.
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--set", default="magnetic_tile")
     parser.add_argument("--models", required=True, help="comma-separated saved models")
     parser.add_argument("--coarse", type=int, default=64)
-    parser.add_argument("--weights", default="0,0.5,1,2,inf")
+    parser.add_argument("--weights", default="0,0.25,0.5,1,2,inf,max")
     parser.add_argument("--out", default="results/cpcad_multiscale.jsonl")
     args = parser.parse_args()
     train = [s.image for s in MVTecDataset(args.root, args.set, "train")]
@@ -99,6 +99,8 @@ def main() -> None:
         for w in args.weights.split(","):
             if w == "inf":
                 image, pix = coarse_image, coarse_pix
+            elif w == "max":  # the larger of the two standardised scores
+                image, pix = np.maximum(fine_image, coarse_image), np.maximum(fine_pix, coarse_pix)
             else:
                 image, pix = fine_image + float(w) * coarse_image, fine_pix + float(w) * coarse_pix
             row = {"set": args.set, "model": Path(path).name, "coarse": args.coarse, "w_coarse": w,
