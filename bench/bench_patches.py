@@ -22,6 +22,12 @@ def _small_pages(op, *args, **kwargs):
         return op(*args, **kwargs)
 
 
+def _huge_pages(op, *args, **kwargs):
+    """The fused op with its huge-page advice, whatever the default on this machine."""
+    with huge_pages(True):
+        return op(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # extract_patches
 
@@ -82,6 +88,8 @@ EXTRACT = H.OpSpec(
         "fused": lambda x, p: extract_patches(x["images"], p["size"], p["stride"], **_extract_kwargs(x, p)),
         "fused-4k-pages": lambda x, p: _small_pages(extract_patches, x["images"], p["size"], p["stride"],
                                                     **_extract_kwargs(x, p)),
+        "fused-huge-pages": lambda x, p: _huge_pages(extract_patches, x["images"], p["size"], p["stride"],
+                                                     **_extract_kwargs(x, p)),
     },
     out_shape=lambda p: (_extract_out_numel(p),),
     modes=("fwd",),  # uint8 images: nothing to differentiate
@@ -143,6 +151,8 @@ FOLD = H.OpSpec(
         "fused": lambda x, p: fold_patches(x["scores"], p["size"], p["stride"], (p["H"], p["W"])),
         "fused-4k-pages": lambda x, p: _small_pages(fold_patches, x["scores"], p["size"], p["stride"],
                                                     (p["H"], p["W"])),
+        "fused-huge-pages": lambda x, p: _huge_pages(fold_patches, x["scores"], p["size"], p["stride"],
+                                                     (p["H"], p["W"])),
     },
     out_shape=lambda p: (p["B"],) + ((p["C"],) if p["C"] else ()) + (p["H"], p["W"]),
     grad_inputs=("scores",),

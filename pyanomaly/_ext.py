@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["REBUILD_COMMAND", "build_info", "has_kernels", "huge_pages", "load_error", "reference_mode"]
+__all__ = [
+    "REBUILD_COMMAND", "build_info", "has_kernels", "host_reclaims_free_memory", "huge_pages", "load_error",
+    "reference_mode",
+]
 
 REBUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps ."
 
@@ -73,6 +77,20 @@ def _load() -> None:
         _C, _load_error = None, f"pyanomaly._C is out of date: it lacks the ops {', '.join(missing)}"
         return
     _built_with_cuda = bool(_C.build_info()["with_cuda"])
+    if "PYANOMALY_HUGE_PAGES" not in os.environ and hasattr(_C, "set_huge_pages") and host_reclaims_free_memory():
+        _C.set_huge_pages(False)
+
+
+def host_reclaims_free_memory(sysfs: str = "/sys") -> bool:
+    """Whether this Linux guest hands freed memory back to its hypervisor (a virtio balloon with free
+    page reporting, feature bit 5): there a fresh huge page can cost a host fault, and the patch ops'
+    huge-page advice measured erratic (single calls of 0.3-1.9 s; see :func:`huge_pages`)."""
+    for features in Path(sysfs, "bus/virtio/drivers/virtio_balloon").glob("virtio*/features"):
+        with contextlib.suppress(OSError):
+            bits = features.read_text().strip()
+            if len(bits) > 5 and bits[5] == "1":
+                return True
+    return False
 
 
 _load()
@@ -113,10 +131,12 @@ def reference_mode(enabled: bool = True) -> Iterator[None]:
 @contextlib.contextmanager
 def huge_pages(enabled: bool = True) -> Iterator[None]:
     """Within this context the CPU patch kernels do (or, with False, do not) advise the kernel to back
-    their large outputs with 2 MiB transparent huge pages. On by default (``PYANOMALY_HUGE_PAGES=0`` in
-    the environment turns it off at import): a fresh output of tens of MB is then written without a
-    page fault per 4 KiB, the same values 3-5x faster (2-core EPYC VM, THP "madvise"). Off Linux, with
-    THP "never", or without the compiled kernels, it changes nothing. The setting is process-wide."""
+    their large outputs with 2 MiB transparent huge pages: a fresh output of tens of MB is then written
+    without a page fault per 4 KiB, the same values 3-5x faster (2-core EPYC VM, THP "madvise", one op
+    called in a loop). The default is on, except where the hypervisor takes back freed guest memory
+    (:func:`host_reclaims_free_memory`), where it is off; ``PYANOMALY_HUGE_PAGES=1`` / ``=0`` in the
+    environment sets it at import. Off Linux, with THP "never", or without the compiled kernels, it
+    changes nothing. The setting is process-wide."""
     if _C is None or not hasattr(_C, "set_huge_pages"):
         yield
         return

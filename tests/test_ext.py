@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import pyanomaly
@@ -76,3 +77,13 @@ def test_huge_pages_switch_without_kernels_changes_nothing(monkeypatch):
         monkeypatch.setattr(_ext, "_C", stand_in)
         with huge_pages(False):
             pass
+
+
+@pytest.mark.parametrize("bits, expected", [("01100101" + "0" * 24, True), ("01100001" + "0" * 24, False), (None, False)])
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path, bits, expected):
+    """A virtio balloon with free page reporting (feature bit 5) turns the huge-page default off."""
+    if bits is not None:
+        device = tmp_path / "bus/virtio/drivers/virtio_balloon/virtio0"
+        device.mkdir(parents=True)
+        (device / "features").write_text(bits + "\n")
+    assert _ext.host_reclaims_free_memory(str(tmp_path)) is expected

@@ -11,8 +11,10 @@
 // It never changes a value, and is a no-op off Linux, below one huge page, with THP "never", or when
 // switched off (pyanomaly.ops.huge_pages(False), or PYANOMALY_HUGE_PAGES=0 in the environment). Where
 // the hypervisor takes back freed guest memory (free page reporting, as on that VM), a huge page can
-// cost a host fault: single calls then spiked to 0.3-1.9 s, the mean over a loop stayed at or below the
-// 4 KiB path's.
+// cost a host fault: single calls then took 0.3-1.9 s, and in a process that also allocated and freed
+// the reference's outputs the median was 1.2-3x the 4 KiB path's in two runs of three (0.4x in the
+// third); pyanomaly._ext therefore switches
+// the default off on such guests (host_reclaims_free_memory) unless PYANOMALY_HUGE_PAGES is set.
 #pragma once
 
 #include <atomic>
