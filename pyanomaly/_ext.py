@@ -77,7 +77,8 @@ def _load() -> None:
         _C, _load_error = None, f"pyanomaly._C is out of date: it lacks the ops {', '.join(missing)}"
         return
     _built_with_cuda = bool(_C.build_info()["with_cuda"])
-    if "PYANOMALY_HUGE_PAGES" not in os.environ and hasattr(_C, "set_huge_pages") and host_reclaims_free_memory():
+    default_set = "PYANOMALY_HUGE_PAGES" in os.environ
+    if not default_set and hasattr(_C, "set_huge_pages") and host_reclaims_free_memory():
         _C.set_huge_pages(False)
 
 

@@ -25,6 +25,12 @@ def info_text() -> str:
             "  CPU kernels: yes" + (" (OpenMP)" if build.get("openmp") else ""),
             f"  CUDA kernels: {'yes, CUDA ' + str(build['cuda_version']) if build['with_cuda'] else 'no'}",
         ]
+        if hasattr(_ext._C, "huge_pages_enabled"):
+            on = _ext._C.huge_pages_enabled()
+            reclaimed = not on and _ext.host_reclaims_free_memory()
+            why = " (this VM's host takes back freed memory)" if reclaimed else ""
+            lines.append(f"  huge pages for large CPU patch outputs: {'on' if on else 'off'}{why}; "
+                         "PYANOMALY_HUGE_PAGES=0/1 sets it")
     else:
         lines.append(f"  rebuild with: {_ext.REBUILD_COMMAND}")
     lines.append(f"CPU threads: {torch.get_num_threads()}")

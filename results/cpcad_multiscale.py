@@ -5,9 +5,10 @@ The same trained encoders and predictors score the images a second time at ``--c
 7 x 7 sub-patches the whole image), with their own negative bank and per-position statistics from the
 training images at that size. Both standardised grids become maps at the evaluation size and are
 summed (``w`` x the coarse one) or maxed (``max``); image scores are each scale's image score
-standardised by the training images' and combined likewise. The question: does a larger relative field of view find the
-large-area defects (magnetic_tile's "uneven") that the fine grid misses? From saved models
-(``results/cpcad_knn.py --model``); one JSON line per model and weight appended to ``--out``.
+standardised by the training images' and combined likewise. The question: does a larger relative
+field of view find the large-area defects (magnetic_tile's "uneven") that the fine grid misses?
+From saved models (``results/cpcad_knn.py --model``); one JSON line per model and weight appended
+to ``--out``.
 
     python results/cpcad_multiscale.py --set magnetic_tile --models m0.pt,m1.pt,m2.pt
 """
@@ -43,7 +44,7 @@ def at_size(det: CPCAD, image_size: int) -> CPCAD:
 
 
 @torch.no_grad()
-def scale_scores(det: CPCAD, train: list, test: list, seed: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def scale_scores(det: CPCAD, train: list, test: list, seed: int) -> tuple:
     """Fit banks and statistics at ``det``'s size; -> standardised (train image, test image) scores
     and the (N, G, G) test grid."""
     det.banks_, det.bank_owners_ = det._build_banks(train, torch.Generator().manual_seed(seed))
@@ -57,7 +58,8 @@ def scale_scores(det: CPCAD, train: list, test: list, seed: int) -> tuple[np.nda
 
 def eval_maps(det: CPCAD, grid: torch.Tensor, sizes: list) -> np.ndarray:
     maps = det.maps_from(grid, sizes)
-    return np.stack([F.interpolate(torch.from_numpy(m)[None, None], size=(EVAL_SIZE,) * 2, mode="bilinear")[0, 0].numpy()
+    size = (EVAL_SIZE, EVAL_SIZE)
+    return np.stack([F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear")[0, 0].numpy()
                      for m in maps])
 
 
@@ -67,8 +69,9 @@ def summary(labels, masks, defects, image, pix) -> dict:
     for defect in sorted(set(defects) - {"good"}):
         bad = [i for i, d in enumerate(defects) if d == defect]
         per_defect[defect] = round(pixel_auroc(masks[bad], pix[bad]), 4)
-    return {"image_auroc": round(image_auroc(labels, image), 4), "pixel_auroc": round(pixel_auroc(masks, pix), 4),
-            "aupro": round(aupro(masks, pix), 4), "pixel_auroc_per_defect": per_defect}
+    return {"image_auroc": round(image_auroc(labels, image), 4),
+            "pixel_auroc": round(pixel_auroc(masks, pix), 4), "aupro": round(aupro(masks, pix), 4),
+            "pixel_auroc_per_defect": per_defect}
 
 
 def main() -> None:

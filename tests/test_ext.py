@@ -31,6 +31,7 @@ def test_info_command_reports_build(tmp_path):
     assert f"torch {torch.__version__}" in out
     assert "CPU kernels: yes" in out
     assert "CUDA kernels:" in out
+    assert "huge pages for large CPU patch outputs: " in out
 
 
 def test_mismatched_torch_warns_once_and_falls_back_to_references(tmp_path):
@@ -79,7 +80,9 @@ def test_huge_pages_switch_without_kernels_changes_nothing(monkeypatch):
             pass
 
 
-@pytest.mark.parametrize("bits, expected", [("01100101" + "0" * 24, True), ("01100001" + "0" * 24, False), (None, False)])
+@pytest.mark.parametrize(
+    "bits, expected", [("01100101" + "0" * 24, True), ("01100001" + "0" * 24, False), (None, False)]
+)
 def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path, bits, expected):
     """A virtio balloon with free page reporting (feature bit 5) turns the huge-page default off."""
     if bits is not None:
