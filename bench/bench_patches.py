@@ -16,15 +16,10 @@ from bench import _harness as H
 from pyanomaly.ops import extract_patches, extract_patches_ref, fold_patches, fold_patches_ref, huge_pages
 
 
-def _small_pages(op, *args, **kwargs):
-    """The fused op without its huge-page advice (`pyanomaly.ops.huge_pages`): the earlier path."""
-    with huge_pages(False):
-        return op(*args, **kwargs)
-
-
-def _huge_pages(op, *args, **kwargs):
-    """The fused op with its huge-page advice, whatever the default on this machine."""
-    with huge_pages(True):
+def _with_huge_pages(enabled: bool, op, *args, **kwargs):
+    """The fused op with its huge-page advice (`pyanomaly.ops.huge_pages`) forced on or off, whatever
+    this machine's default (off: the earlier path)."""
+    with huge_pages(enabled):
         return op(*args, **kwargs)
 
 
@@ -86,10 +81,10 @@ EXTRACT = H.OpSpec(
     providers={
         "reference": lambda x, p: extract_patches_ref(x["images"], p["size"], p["stride"], **_extract_kwargs(x, p)),
         "fused": lambda x, p: extract_patches(x["images"], p["size"], p["stride"], **_extract_kwargs(x, p)),
-        "fused-4k-pages": lambda x, p: _small_pages(extract_patches, x["images"], p["size"], p["stride"],
-                                                    **_extract_kwargs(x, p)),
-        "fused-huge-pages": lambda x, p: _huge_pages(extract_patches, x["images"], p["size"], p["stride"],
-                                                     **_extract_kwargs(x, p)),
+        "fused-4k-pages": lambda x, p: _with_huge_pages(False, extract_patches, x["images"], p["size"],
+                                                        p["stride"], **_extract_kwargs(x, p)),
+        "fused-huge-pages": lambda x, p: _with_huge_pages(True, extract_patches, x["images"], p["size"],
+                                                          p["stride"], **_extract_kwargs(x, p)),
     },
     out_shape=lambda p: (_extract_out_numel(p),),
     modes=("fwd",),  # uint8 images: nothing to differentiate
@@ -149,10 +144,10 @@ FOLD = H.OpSpec(
     providers={
         "reference": lambda x, p: fold_patches_ref(x["scores"], p["size"], p["stride"], (p["H"], p["W"])),
         "fused": lambda x, p: fold_patches(x["scores"], p["size"], p["stride"], (p["H"], p["W"])),
-        "fused-4k-pages": lambda x, p: _small_pages(fold_patches, x["scores"], p["size"], p["stride"],
-                                                    (p["H"], p["W"])),
-        "fused-huge-pages": lambda x, p: _huge_pages(fold_patches, x["scores"], p["size"], p["stride"],
-                                                     (p["H"], p["W"])),
+        "fused-4k-pages": lambda x, p: _with_huge_pages(False, fold_patches, x["scores"], p["size"],
+                                                        p["stride"], (p["H"], p["W"])),
+        "fused-huge-pages": lambda x, p: _with_huge_pages(True, fold_patches, x["scores"], p["size"],
+                                                          p["stride"], (p["H"], p["W"])),
     },
     out_shape=lambda p: (p["B"],) + ((p["C"],) if p["C"] else ()) + (p["H"], p["W"]),
     grad_inputs=("scores",),

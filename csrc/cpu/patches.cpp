@@ -255,6 +255,7 @@ PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, st
                               int64_t begin, int64_t end) {
   const auto [vb, vi, vj, vc] = strides;
   std::vector<acc_t> column_sum(f.nw, acc_t(0));
+  int64_t above_first = -1, above_last = -1;  // covering patch rows of the row above (none at begin)
   for (int64_t row = begin; row < end; ++row) {
     const int64_t y = row % f.height;
     const int64_t c = (row / f.height) % f.channels;
@@ -262,8 +263,10 @@ PYA_CPU_CLONES void fold_rows(const FoldGeometry& f, const scalar_t* values0, st
     const int64_t i_first = first_covering(y, f.size_h, f.stride_h);
     const int64_t i_last = std::min(f.nh - 1, y / f.stride_h);
     scalar_t* dst = out0 + row * f.width;
-    if (row > begin && y > 0 && first_covering(y - 1, f.size_h, f.stride_h) == i_first &&
-        std::min(f.nh - 1, (y - 1) / f.stride_h) == i_last) {  // same (b, c) and covering rows as the row above
+    const bool same_as_above = y > 0 && i_first == above_first && i_last == above_last;  // same (b, c) too
+    above_first = i_first;
+    above_last = i_last;
+    if (same_as_above) {
       std::copy(dst - f.width, dst, dst);
       continue;
     }

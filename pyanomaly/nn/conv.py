@@ -94,10 +94,8 @@ class StrideSafeConv2d(nn.Conv2d):
         """The stride to run with on an input of spatial ``size`` (H, W)."""
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return self.stride
-        return tuple(
-            1 if n == 1 and n + 2 * p - d * (k - 1) == 1 else s
-            for n, s, p, d, k in zip(size, self.stride, self.padding, self.dilation, self.kernel_size)
-        )
+        at_stride_1 = _output_size(size, (1, 1), self.padding, self.dilation, self.kernel_size)
+        return tuple(1 if n == 1 and o == 1 else s for n, o, s in zip(size, at_stride_1, self.stride))
 
     def _runs_as_matmul(self, input: torch.Tensor) -> bool:
         """Whether ``input`` (N, C_in, H, W) runs as a matrix product: eager CPU, zero padding, one group,
