@@ -1,9 +1,12 @@
-// CPU kernels of the Hopfield retrieval: blocks of queries run in parallel, each with the plain loop's
-// arithmetic (BLAS matmuls and softmax on a (block, M) scratch per thread, allocated once per thread),
-// so no (N, M) matrix is ever held. The backward recomputes each step's softmax from the saved state
-// the same way (its logits and dP = g X^T in one GEMM) and applies the plain softmax backward: a
-// saturated step then gives the plain loop's exact zero state gradient, not rounding noise that the
-// soft steps before it would amplify (issue 12). Half and bfloat16 inputs run in float32 throughout.
+// CPU kernels of the Hopfield retrieval. The forward runs each update over all still-moving queries at
+// once through ATen's CPU flash-attention kernel (blocks of queries and patterns in parallel, online
+// softmax, its logsumexp for free), so it costs what the SDPA loop does plus the per-query freezing,
+// and no (N, M) matrix is ever held. The backward runs blocks of queries in parallel, each with the
+// plain loop's arithmetic (BLAS matmuls and softmax on a (block, M) scratch per thread, allocated once
+// per thread): it recomputes each step's softmax from the saved state (its logits and dP = g X^T in
+// one GEMM) and applies the plain softmax backward, so a saturated step gives the plain loop's exact
+// zero state gradient, not rounding noise that the soft steps before it would amplify (issue 12).
+// Half and bfloat16 inputs run in float32 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,7 +29,7 @@ using at::Tensor;
 constexpr int64_t kGradPartials = 8;   // most grad_memory partial sums (one per thread)
 constexpr int64_t kBlockScratch = int64_t{1} << 18;  // elements of one (block, M) scratch matrix
 
-// Queries per block: the (block, M) logits, probabilities and their gradient stay near kBlockScratch
+// Backward queries per block: the (block, M) logits, probabilities and their gradient stay near kBlockScratch
 // elements each (per thread; never (N, M)). Depends on M only, so results are deterministic.
 int64_t block_rows_for(int64_t num_patterns) {
   return std::clamp<int64_t>(kBlockScratch / num_patterns, 32, 256);
@@ -62,6 +65,36 @@ Tensor rows_where(const std::vector<int64_t>& rows) {
   return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
 }
 
+// One update of the active rows x (A, D): softmax(beta x X^T) X and its logsumexp (A), by ATen's CPU
+// flash-attention kernel (the SDPA loop's own kernel: blocks of queries and patterns in parallel, an
+// online softmax, no (A, M) matrix). Its online softmax turns NaN or overflowing logits into a finite
+// row (zeros), so rows whose logits could overflow are redone with the plain loop's arithmetic, where
+// they give NaN as the loop does and the Python wrapper's result check names the input. Such a row
+// has beta |x| |X_j| beyond a safe bound or a NaN/inf norm. `rows_bounded`: every row of x is a
+// softmax average of the patterns (the output of a step that took no plain-arithmetic row), hence no
+// longer than the longest pattern, which spares the per-row norms. Returns the update, its
+// logsumexp, and whether any row took the plain arithmetic (its NaN must not reach a later step's
+// kernel, which would turn it into zeros). A = 0 never reaches this (the kernel divides by the rows).
+std::tuple<Tensor, Tensor, bool> update_step(const Tensor& x, const Tensor& memory, double beta,
+                                             double memory_norm, bool rows_bounded) {
+  const int64_t rows = x.size(0), dim = x.size(1), patterns = memory.size(0);
+  const Tensor memory_heads = memory.view({1, 1, patterns, dim});
+  auto [updated_heads, lse_heads] = at::_scaled_dot_product_flash_attention_for_cpu(
+      x.view({1, 1, rows, dim}), memory_heads, memory_heads, /*dropout_p=*/0.0, /*is_causal=*/false,
+      /*attn_mask=*/std::nullopt, /*scale=*/beta);
+  Tensor updated = updated_heads.view({rows, dim}), lse = lse_heads.view({rows});
+  const double safe_logit = x.scalar_type() == at::kDouble ? 1e300 : 1e30;  // far below the dtype's max
+  const double scale = std::max(beta, 1.0) * memory_norm;  // |any partial sum of a logit| <= scale |x|
+  if (rows_bounded && memory_norm * scale <= safe_logit) return {updated, lse, false};
+  const Tensor risky = at::linalg_vector_norm(x, 2, {1}).mul_(scale).le(safe_logit).logical_not_();  // NaN too
+  if (!risky.any().item<bool>()) return {updated, lse, false};
+  const Tensor index = risky.nonzero().squeeze(1);
+  const Tensor logits = at::mm(x.index_select(0, index).mul(beta), memory.t());
+  updated.index_copy_(0, index, at::mm(at::_softmax(logits, 1, false), memory));
+  lse.index_copy_(0, index, at::logsumexp(logits, {1}));
+  return {updated, lse, true};
+}
+
 // Half and bfloat16 inputs: only the results are rounded to the input dtype (as on CUDA).
 std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& queries_in, const Tensor& memory_in,
                                                                  double beta, int64_t max_iter, double tol,
@@ -70,86 +103,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hopfield_retrieve_cpu(const Tensor& q
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the ATen ops below are the kernel, not a graph
   const SaveMode save = parse_save(save_name);
   const auto compute = compute_type(queries_in.scalar_type());
-  const Tensor queries = queries_in.contiguous();
   const Tensor memory = memory_in.to(compute).contiguous();
-  const int64_t num_queries = queries.size(0), dim = queries.size(1);
+  const int64_t num_queries = queries_in.size(0), dim = queries_in.size(1);
   const int64_t saved_steps = save == SaveMode::kUnrolled ? max_iter : (save == SaveMode::kLast ? 1 : 0);
 
-  Tensor retrieved = at::empty_like(queries);
-  Tensor iterations = at::zeros({num_queries}, queries.options().dtype(at::kInt));
+  Tensor iterations = at::zeros({num_queries}, queries_in.options().dtype(at::kInt));
   // The start state of each saved step the backward cannot get elsewhere: unrolled, steps 1..S-1
   // (step 0 starts from the queries, which autograd keeps anyway); last, each query's final update.
   Tensor states = at::empty({stored_states(save_name, max_iter), num_queries, dim}, memory.options());
   Tensor lse = at::empty({saved_steps, num_queries}, memory.options());
-  if (save == SaveMode::kUnrolled) lse.fill_(std::numeric_limits<double>::infinity());
+  if (save == SaveMode::kUnrolled) lse.fill_(std::numeric_limits<double>::infinity());  // steps a row skips
   int32_t* iterations_ptr = iterations.data_ptr<int32_t>();
 
-  const int64_t block_rows = block_rows_for(memory.size(0));
-  const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    at::AutoDispatchBelowADInplaceOrView worker_no_autograd;  // dispatch guards are thread-local
-    // This thread's scratch, reused by all its blocks (the ops below write into it: no allocation
-    // per step): the scaled state, the (rows, M) logits and probabilities, the next state.
-    const auto options = memory.options();
-    Tensor scaled = at::empty({block_rows, dim}, options), next = at::empty({block_rows, dim}, options);
-    Tensor logits = at::empty({block_rows, memory.size(0)}, options), prob = at::empty_like(logits);
-    Tensor state = at::empty({block_rows, dim}, options);
-    const Tensor beta_tensor = at::scalar_tensor(beta, options);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t n0 = block * block_rows, rows = std::min(block_rows, num_queries - n0);
-      Tensor state_rows = state.narrow(0, 0, rows);
-      state_rows.copy_(queries.narrow(0, n0, rows));
-      Tensor previous = save == SaveMode::kLast ? states[0].narrow(0, n0, rows) : Tensor();
-      std::vector<bool> active(rows, true);
-      for (int64_t step = 0; step < max_iter; ++step) {
-        std::vector<int64_t> active_rows;
-        for (int64_t r = 0; r < rows; ++r)
-          if (active[r]) active_rows.push_back(r);
-        if (active_rows.empty()) {
-          if (save == SaveMode::kUnrolled)  // the start states of the steps left (never read: defined anyway)
-            for (int64_t s = step; s + 1 < max_iter; ++s) states[s].narrow(0, n0, rows).copy_(state_rows);
-          break;
-        }
-        const int64_t num_active = static_cast<int64_t>(active_rows.size());
-        const bool all = num_active == rows;
-        const Tensor index = all ? Tensor() : rows_where(active_rows);
-        const Tensor x = all ? state_rows : state_rows.index_select(0, index);
-        // One update, the plain loop's arithmetic on the (rows, M) scratch: softmax(beta x X^T) X.
-        Tensor step_scaled = scaled.narrow(0, 0, num_active), step_logits = logits.narrow(0, 0, num_active);
-        Tensor step_prob = prob.narrow(0, 0, num_active), updated = next.narrow(0, 0, num_active);
-        at::mul_out(step_scaled, x, beta_tensor);
-        at::mm_out(step_logits, step_scaled, memory.t());
-        at::_softmax_out(step_prob, step_logits, 1, false);
-        at::mm_out(updated, step_prob, memory);
-        if (save != SaveMode::kNone) {
-          // logsumexp from the softmax's own maximum: max_j s_j - log(max_j p_j) (no second exp pass).
-          const Tensor step_lse = step_logits.amax({1}).sub_(step_prob.amax({1}).log_());
-          Tensor lse_rows = lse[save == SaveMode::kLast ? 0 : step].narrow(0, n0, rows);
-          all ? lse_rows.copy_(step_lse) : lse_rows.index_copy_(0, index, step_lse);
-        }
-        if (save == SaveMode::kLast) all ? previous.copy_(x) : previous.index_copy_(0, index, x);
-        std::vector<bool> stopped(active_rows.size(), false);
-        if (tol > 0) {  // tol = 0: exactly max_iter updates, nothing to measure
-          const Tensor moved = (updated - x).norm(2, {1}).to(at::kDouble).contiguous();
-          const double* moved_ptr = moved.data_ptr<double>();
-          for (int64_t i = 0; i < num_active; ++i) stopped[i] = !(moved_ptr[i] > tol);
-        }
-        if (all) {
-          std::swap(state, next);  // the new state is in `next`: no copy
-          state_rows = state.narrow(0, 0, rows);
-        } else {
-          state_rows.index_copy_(0, index, updated);
-        }
-        for (int64_t i = 0; i < num_active; ++i) {
-          iterations_ptr[n0 + active_rows[i]] += 1;
-          if (stopped[i]) active[active_rows[i]] = false;
-        }
-        if (save == SaveMode::kUnrolled && step + 1 < max_iter) states[step].narrow(0, n0, rows).copy_(state_rows);
-      }
-      retrieved.narrow(0, n0, rows).copy_(state_rows);
+  // Steps run over all still-moving rows at once (the kernel parallelises over their blocks); a row
+  // that moved by at most tol is frozen and leaves the active set.
+  const double memory_norm = at::linalg_vector_norm(memory, 2, {1}).max().item<double>();
+  Tensor state = queries_in.to(compute).contiguous();  // may be the caller's queries until step 0 replaces it
+  bool rows_bounded = false;  // the queries are not: their norms are checked at step 0
+  std::vector<int64_t> active_rows(num_queries);
+  for (int64_t r = 0; r < num_queries; ++r) active_rows[r] = r;
+  for (int64_t step = 0; step < max_iter; ++step) {
+    if (active_rows.empty()) {
+      if (save == SaveMode::kUnrolled)  // the start states of the steps left (never read: defined anyway)
+        for (int64_t s = step; s + 1 < max_iter; ++s) states[s].copy_(state);
+      break;
     }
-  });
-  return {retrieved, iterations, states, lse};
+    const int64_t num_active = static_cast<int64_t>(active_rows.size());
+    const bool all = num_active == num_queries;
+    const Tensor index = all ? Tensor() : rows_where(active_rows);
+    const Tensor x = all ? state : state.index_select(0, index);
+    auto [updated, step_lse, plain_rows] = update_step(x, memory, beta, memory_norm, rows_bounded);
+    rows_bounded = !plain_rows;
+    if (save != SaveMode::kNone) {
+      Tensor lse_step = lse[save == SaveMode::kLast ? 0 : step];
+      all ? lse_step.copy_(step_lse) : lse_step.index_copy_(0, index, step_lse);
+    }
+    if (save == SaveMode::kLast) all ? states[0].copy_(x) : states[0].index_copy_(0, index, x);
+    std::vector<int64_t> still_active;
+    if (tol > 0) {  // tol = 0: exactly max_iter updates, nothing to measure
+      const Tensor moved = (updated - x).norm(2, {1}).to(at::kDouble).contiguous();
+      const double* moved_ptr = moved.data_ptr<double>();
+      for (int64_t i = 0; i < num_active; ++i)
+        if (moved_ptr[i] > tol) still_active.push_back(active_rows[i]);
+    } else {
+      still_active = active_rows;
+    }
+    // all: the new state, no copy; otherwise step >= 1 (every row takes step 0), so `state` is ours
+    all ? void(state = updated) : void(state.index_copy_(0, index, updated));
+    for (const int64_t row : active_rows) iterations_ptr[row] += 1;
+    active_rows.swap(still_active);
+    if (save == SaveMode::kUnrolled && step + 1 < max_iter) states[step].copy_(state);
+  }
+  if (state.is_same(queries_in)) state = state.clone();  // no step ran (N = 0): never return the input
+  return {state.to(queries_in.scalar_type()), iterations, states, lse};
 }
 
 std::tuple<Tensor, Tensor> hopfield_retrieve_backward_cpu(const Tensor& grad_retrieved, const Tensor& queries_in,

@@ -2,9 +2,12 @@
 
 Each query iterates xi <- softmax(beta * xi X^T) X over the stored patterns X until it stops moving.
 
-The fused op never holds an (N, M) matrix: the CPU kernel works on blocks of queries with a
-(block, M) scratch per thread, the CUDA kernel tiles the memory with an online softmax (state and
-softmax statistics in fp32 for half-precision input). It saves only the start states of the steps
+The fused op never holds an (N, M) matrix: the CPU forward runs each update of the still-moving
+queries through ATen's CPU flash-attention kernel (the SDPA loop's own kernel, online softmax and
+logsumexp; rows whose logits could overflow take the plain arithmetic, so they give NaN as the loop
+does), the CPU backward works on blocks of queries with a (block, M) scratch per thread, the CUDA
+kernel tiles the memory with an online softmax (state and softmax statistics in fp32 for
+half-precision input). It saves only the start states of the steps
 after the first (O(N * D * (iterations - 1)); the first starts from the queries, which autograd keeps
 by reference; nothing for one step, the default, and nothing without a gradient) and per-row
 logsumexps; the backward
