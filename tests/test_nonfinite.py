@@ -105,7 +105,6 @@ def test_hopfield_overflow_is_an_error_not_nan():
         hopfield_retrieve(torch.randn(6, 8) * 1e30, torch.randn(5, 8) * 1e30, beta=1.0)
 
 
-
 def test_hopfield_rows_near_overflow_take_exact_arithmetic():
     """The CPU forward's flash kernel turns overflowing logits into a finite zero row; rows whose
     logits could overflow are redone with the plain arithmetic: a huge but representable row matches
@@ -113,7 +112,7 @@ def test_hopfield_rows_near_overflow_take_exact_arithmetic():
     gen = torch.Generator().manual_seed(0)
     queries, memory = torch.randn(6, 8, generator=gen), torch.randn(5, 8, generator=gen)
     queries[2] *= 1e35  # logits ~1e35: finite, far beyond the kernel's safe bound
-    retrieved, iterations = hopfield_retrieve(queries, memory, beta=1.0, max_iter=3, tol=0.0)
+    retrieved, _ = hopfield_retrieve(queries, memory, beta=1.0, max_iter=3, tol=0.0)
     expected, _ = hopfield_retrieve_ref(queries, memory, beta=1.0, max_iter=3, tol=0.0)
     torch.testing.assert_close(retrieved, expected)
     queries[2] *= 1e3  # now the row's logits overflow float32; later steps must not wash the NaN out
