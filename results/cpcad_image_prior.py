@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import numpy as np
 import torch
 
-from pyanomaly import CPCAD
 from pyanomaly.data import MVTecDataset
 
-from cpcad_knn import metrics  # noqa: E402  (results/ is the script's folder)
+from cpcad_knn import metrics, preset_model  # noqa: E402  (results/ is the script's folder)
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -64,15 +62,7 @@ def main() -> None:
     train = MVTecDataset(args.root, args.set, "train")
     test = MVTecDataset(args.root, args.set, "test")
     samples = [test[i] for i in range(len(test))]
-    tick, fit_s = time.perf_counter(), None
-    if args.model and os.path.exists(args.model):
-        detector = CPCAD.load(args.model, device="cpu")
-    else:
-        detector = CPCAD.preset("cpu", seed=args.seed, verbose=False, device="cpu")
-        detector.fit([train[i].image for i in range(len(train))])
-        fit_s = round(time.perf_counter() - tick, 1)
-        if args.model:
-            detector.save(args.model)
+    detector, fit_s = preset_model(args.model, args.seed, [train[i].image for i in range(len(train))])
     grid = detector.subpatch_scores([s.image for s in samples])
     sizes = [tuple(s.image.shape[1:]) for s in samples]
     train_scores = np.asarray(detector.decision_scores_, dtype=np.float64)

@@ -53,6 +53,21 @@ def metrics(detector: CPCAD, grid: torch.Tensor, samples) -> dict:
             "aupro": round(aupro(masks, pix), 4), "per_defect": per_defect}
 
 
+def preset_model(model: str | None, seed: int, train_images: list, overrides: dict | None = None) -> tuple[CPCAD, float | None]:
+    """``CPCAD.preset("cpu")`` loaded from ``model`` when that file exists, else fitted on ``train_images``
+    (and saved to ``model`` when given); returns it and the fit's wall seconds (None when loaded)."""
+    if model and os.path.exists(model):
+        return CPCAD.load(model, device="cpu"), None
+    tick = time.perf_counter()
+    detector = CPCAD.preset("cpu", **{"anomaly_score": "combined", "seed": seed, "verbose": False, "device": "cpu",
+                                      **(overrides or {})})
+    detector.fit(train_images)
+    fit_s = round(time.perf_counter() - tick, 1)
+    if model:
+        detector.save(model)
+    return detector, fit_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="../shared/data/mvtec_format")
@@ -67,16 +82,7 @@ def main() -> None:
     test = MVTecDataset(args.root, args.set, "test")
     train_images = [train[i].image for i in range(len(train))]
     samples = [test[i] for i in range(len(test))]
-    tick = time.perf_counter()
-    if args.model and os.path.exists(args.model):
-        detector, fit_s = CPCAD.load(args.model, device="cpu"), None
-    else:
-        detector = CPCAD.preset("cpu", **{"anomaly_score": "combined", "seed": args.seed, "verbose": False,
-                                          "device": "cpu", **overrides})
-        detector.fit(train_images)
-        fit_s = round(time.perf_counter() - tick, 1)
-        if args.model:
-            detector.save(args.model)
+    detector, fit_s = preset_model(args.model, args.seed, train_images, overrides)
     record = {"set": args.set, "seed": args.seed, "overrides": overrides, "fit_s": fit_s, "threads": torch.get_num_threads(),
               "load": os.getloadavg()[0], "bank_size": detector.bank_size}
     tick = time.perf_counter()

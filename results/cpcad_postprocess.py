@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyanomaly import CPCAD
 from pyanomaly.data import MVTecDataset, resize_masks
 from pyanomaly.metrics import aupro, image_auroc, pixel_auroc
 from pyanomaly.models.cpcad.detector import position_stats
+
+from cpcad_knn import preset_model  # noqa: E402  (results/ is the script's folder)
 
 EVAL_SIZE = 256
 
@@ -54,12 +55,7 @@ def main() -> None:
     train_images = [train[i].image for i in range(len(train))]
     test = MVTecDataset(args.root, args.set, "test")
     samples = [test[i] for i in range(len(test))]
-    if args.model and os.path.exists(args.model):
-        detector = CPCAD.load(args.model, device="cpu")
-    else:
-        detector = CPCAD.preset("cpu", seed=args.seed, verbose=False, device="cpu").fit(train_images)
-        if args.model:
-            detector.save(args.model)
+    detector, _ = preset_model(args.model, args.seed, train_images)
     detector.anomaly_score = "combined"
     if detector.bank_owners_ is None:  # a model saved before the nearest-neighbour score existed
         detector.banks_, detector.bank_owners_ = detector._build_banks(train_images, torch.Generator().manual_seed(0))
