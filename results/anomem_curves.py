@@ -8,6 +8,8 @@ normal, the nine others anomalous). One fit per (class, budget); at the listed e
 - ``knn_s3`` / ``knn_s4``: 1-NN cosine distance on the same encoder's pooled, LayerNorm-ed features;
 - ``csi_s*`` / ``norm_s*``: CSI's score (1-NN cosine similarity x feature norm, negated) and the
   negated norm alone, on the raw pooled features;
+- ``rotation`` (``--set '{"pretext": "rotation"}'`` only): Golan & El-Yaniv's score from the
+  rotation pretext head;
 
 and, once per class, the no-learning floor ``pixel_knn``: 5-NN cosine distance on raw pixels, each
 image centred on its own mean. One JSON line per evaluation, appended to ``--out`` as it is measured, with wall times.
@@ -93,7 +95,22 @@ def feature_knn(detector: AnoMem, train: torch.Tensor, test: torch.Tensor) -> di
         norm = te.norm(dim=1).numpy()
         out[f"csi_s{stage}"] = -(1 - knn_distance(te, tr)) * norm
         out[f"norm_s{stage}"] = -norm
+    if model.rotation_head is not None:  # pretext="rotation": Golan & El-Yaniv's score of its head
+        out["rotation"] = rotation_score(model, test)
     return out
+
+
+@torch.no_grad()
+def rotation_score(model: AnoMemModel, images: torch.Tensor) -> np.ndarray:
+    """Minus the mean over the four quarter turns of log p(turn | turned image), from the rotation
+    pretext head (higher = more anomalous)."""
+    scores = []
+    for i in range(0, len(images), 500):
+        x = images[i : i + 500].float() / 255
+        logp = [model.rotation_head(model.features(torch.rot90(x, k, dims=(2, 3)))[-1].mean(dim=(2, 3)))
+                .log_softmax(1)[:, k] for k in range(4)]
+        scores.append(-torch.stack(logp).mean(0))
+    return torch.cat(scores).numpy()
 
 
 def pixel_knn_semi(train: torch.Tensor, anomalies: torch.Tensor, test: torch.Tensor, k: int = 5) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -336,6 +337,8 @@ def test_seed_reproducibility_and_input_formats(data):
         ({"contamination": 0.7}, "contamination"),
         ({"negatives": "same_image"}, "negatives"),
         ({"distribution_augmentation": "rot45"}, "distribution_augmentation"),
+        ({"pretext": "jigsaw"}, "pretext"),
+        ({"pretext_weight": 0}, "pretext_weight"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
@@ -623,3 +626,79 @@ def test_distribution_augmentation_needs_square_images():
     with pytest.raises(ValueError, match="square"):
         AnoMem(**{**TINY, "epochs": 1}, distribution_augmentation="rot90").fit(images)
     AnoMem(**{**TINY, "epochs": 1}, distribution_augmentation="rot90", image_size=16).fit(images)
+
+
+def test_random_quarter_turns_returns_the_turn_of_each_image():
+    images = torch.rand(32, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    turned, turns = random_quarter_turns(images, torch.Generator().manual_seed(1), return_turns=True)
+    assert turns.dtype == torch.int64 and set(turns.tolist()) == {0, 1, 2, 3}
+    assert [_turn_of(t, x) for t, x in zip(turned, images)] == turns.tolist()
+    assert torch.equal(turned, random_quarter_turns(images, torch.Generator().manual_seed(1)))
+
+
+def test_rotation_loss_is_the_cross_entropy_of_the_head_on_pooled_last_scale_features():
+    torch.manual_seed(0)
+    model = AnoMemModel(
+        backbone="resnet18", in_channels=3, width=8, small_input=True, scales=(3, 4), memory_sizes=(16, 8),
+        beta=None, hopfield_iters=2, hopfield_tol=1e-4, projection_dim=None, classifier_pool=2,
+        classifier_hidden=8, rotation_head=True,
+    ).eval()
+    images, turns = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 1, 0])
+    logits = model.rotation_head(model.features(images)[-1].mean(dim=(2, 3)))
+    torch.testing.assert_close(model.rotation_loss(images, turns), F.cross_entropy(logits, turns))
+    plain = AnoMemModel(
+        backbone="resnet18", in_channels=3, width=8, small_input=True, scales=(3, 4), memory_sizes=(16, 8),
+        beta=None, hopfield_iters=2, hopfield_tol=1e-4, projection_dim=None, classifier_pool=2, classifier_hidden=8,
+    )
+    assert plain.rotation_head is None and not any(k.startswith("rotation_head") for k in plain.state_dict())
+    with pytest.raises(RuntimeError, match="rotation head"):
+        plain.rotation_loss(images, turns)
+
+
+def test_rotation_pretext_trains_the_head_on_turned_views_and_keeps_the_memory_upright(monkeypatch, data, tmp_path):
+    """The head sees a third view turned by its recorded turns; the contrastive views stay upright;
+    the head learns (its loss falls well below chance, ln 4, on images whose top differs from their
+    bottom); the memory score is the paper's, saved and loaded with the head."""
+    import pyanomaly.models.anomem.detector as detector_module
+
+    seen = {"inputs": [], "views": [], "turned": []}
+
+    def recording_view(images, *args):
+        out = simclr_view(images, *args)
+        seen["inputs"].append(images.clone())
+        seen["views"].append(out[0])
+        return out
+
+    original = AnoMemModel.rotation_loss
+
+    def recording_loss(self, turned, turns):
+        seen["turned"].append((turned, turns))
+        return original(self, turned, turns)
+
+    monkeypatch.setattr(detector_module, "simclr_view", recording_view)
+    monkeypatch.setattr(AnoMemModel, "rotation_loss", recording_loss)
+    normal = data["normal"].clone()
+    normal[:, :, :8] = 255  # a white top band: the turn of an image is visible
+    detector = AnoMem(**{**TINY, "epochs": 8}, pretext="rotation").fit(normal)
+    turned, turns = seen["turned"][0]
+    third = seen["views"][2]  # the first batch's views: two contrastive, one for the head
+    assert [_turn_of(t, v) for t, v in zip(turned, third)] == turns.tolist()
+    assert len(set(turns.tolist())) > 1
+    upright = normal.float() / 255  # all three views of the first batch are drawn from upright images
+    for images in seen["inputs"][:3]:
+        assert all(any(_turn_of(x, u) == 0 for u in upright) for x in images)
+    history = [r["pretext"] for r in detector.history_]
+    assert history[0] > 1.0 and min(history[-2:]) < 0.5 * math.log(4), history
+    assert detector.get_params()["pretext"] == "rotation"
+    scores = detector.decision_function(data["test"])
+    path = tmp_path / "model.pt"
+    detector.save(path)
+    loaded = AnoMem.load(path)
+    assert loaded.model_.rotation_head is not None
+    np.testing.assert_allclose(loaded.decision_function(data["test"]), scores, rtol=1e-5)
+
+
+def test_rotation_pretext_needs_square_images():
+    images = torch.rand(8, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r'pretext="rotation" needs square images'):
+        AnoMem(**{**TINY, "epochs": 1}, pretext="rotation").fit(images)

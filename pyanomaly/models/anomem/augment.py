@@ -175,13 +175,16 @@ def _noise(images: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     return (images + std.view(-1, 1, 1, 1).to(images.dtype) * noise).clamp(0, 1)
 
 
-def random_quarter_turns(images: torch.Tensor, generator: torch.Generator, part=None) -> torch.Tensor:
+def random_quarter_turns(
+    images: torch.Tensor, generator: torch.Generator, part=None, *, return_turns: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Each image of a square batch (B, C, S, S) turned by its own random multiple of 90 degrees.
 
     Distribution augmentation (Sohn et al., 2021, "Learning and evaluating representations for deep
     one-class classification"): applied to a training image *before* its two views are drawn, so
     both views share the turn and a turned image is a new instance, not a positive of the upright
-    one. The upright class then fills only part of the feature sphere instead of all of it.
+    one. The upright class then fills only part of the feature sphere instead of all of it. Also the
+    input of the rotation pretext task (``return_turns=True`` adds the (B,) int64 turns, 0-3).
     ``part``: see :data:`Part`.
     """
     turns = _draw(lambda shape, **kw: torch.randint(0, 4, shape, **kw), images.shape[0], part,
@@ -191,7 +194,7 @@ def random_quarter_turns(images: torch.Tensor, generator: torch.Generator, part=
         chosen = turns == k
         if bool(chosen.any()):
             out[chosen] = torch.rot90(images[chosen], k, dims=(2, 3))
-    return out
+    return (out, turns) if return_turns else out
 
 
 def simclr_view(

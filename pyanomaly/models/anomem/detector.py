@@ -35,6 +35,7 @@ __all__ = ["AnoMem"]
 _BACKBONES = ("resnet18", "resnet50")
 _NEGATIVES = ("other_images", "all")
 _DISTRIBUTION_AUGMENTATIONS = (None, "rot90")
+_PRETEXTS = (None, "rotation")
 
 
 class AnoMem(Detector):
@@ -101,6 +102,17 @@ class AnoMem(Detector):
             for one-class training where contrastive features otherwise spread the normal class
             over the whole sphere and unfamiliar images land inside it, results/anomem.md).
             Scoring sees the images upright. Needs square images.
+        pretext: None (default, the paper) or ``"rotation"``: stage 1 adds a self-supervised
+            pretext loss, ``pretext_weight`` times the cross-entropy of a linear 4-way head that
+            tells, from the last scale's pooled features, which quarter turn a third augmented
+            view of each image was given (RotNet, Gidaris et al. 2018; the one-class detector of
+            Golan & El-Yaniv 2018; CSI's shift classification, Tack et al. 2020). The memories still
+            hold upright features only and the score is the paper's. A departure from the paper: on
+            CIFAR-10 one-vs-all, instance-contrastive training on one class alone makes the features
+            *worse* than an untrained encoder's, while the turn task makes them encode the class's
+            canonical orientation and appearance (results/anomem.md). One more encoder pass of the
+            batch per step. Needs square images.
+        pretext_weight: weight of the pretext loss against the contrastive loss (ours).
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1".
@@ -183,6 +195,8 @@ class AnoMem(Detector):
         image_size: int | Sequence[int] | None = None,
         augment: dict | None = None,
         distribution_augmentation: str | None = None,
+        pretext: str | None = None,
+        pretext_weight: float = 1.0,
         contamination: float = 0.1,
         seed: int = 0,
         device: str | torch.device = "auto",
@@ -266,6 +280,10 @@ class AnoMem(Detector):
                 f"distribution_augmentation must be one of {_DISTRIBUTION_AUGMENTATIONS}, got {distribution_augmentation!r}"
             )
         self.distribution_augmentation = distribution_augmentation
+        if pretext not in _PRETEXTS:
+            raise ValueError(f"pretext must be one of {_PRETEXTS}, got {pretext!r}")
+        self.pretext = pretext
+        self.pretext_weight = _positive_float(pretext_weight, "pretext_weight")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -321,6 +339,7 @@ class AnoMem(Detector):
             classifier_hidden=self.classifier_hidden,
             mean=mean,
             std=std,
+            rotation_head=self.pretext == "rotation",
         ).to(memory_format=encoder_memory_format())
         model.encoder.checkpoint_activations = self.activation_checkpointing
         return model
@@ -355,10 +374,11 @@ class AnoMem(Detector):
         if len(normal) < 2:
             raise ValueError(f"data must hold at least 2 normal images, got {len(normal)}")
         size = self.image_size or tuple(source.sizes[0])
-        if self.distribution_augmentation == "rot90" and size[0] != size[1]:
-            raise ValueError(
-                f'distribution_augmentation="rot90" needs square images, got {size[0]}x{size[1]}: set image_size to one side'
-            )
+        for option, value in (("distribution_augmentation", "rot90"), ("pretext", "rotation")):
+            if getattr(self, option) == value and size[0] != size[1]:
+                raise ValueError(
+                    f'{option}="{value}" needs square images, got {size[0]}x{size[1]}: set image_size to one side'
+                )
         if anomalies is not None:
             mode = "gray" if source.channels == 1 else "rgb"
             extra = self._training_source(anomalies, "anomalies", mode=mode, min_size=8, allow_float=True)
@@ -459,7 +479,7 @@ class AnoMem(Detector):
         for epoch in range(first + 1, self.epochs + 1):
             tick = time.perf_counter()
             order = torch.randperm(n, generator=cpu_gen)
-            sums = {"loss": 0.0, "contrastive": 0.0, "variance": 0.0}
+            sums = dict.fromkeys(["loss", "contrastive", "variance"] + (["pretext"] if self.pretext else []), 0.0)
             lr = optimizer.param_groups[0]["lr"]
             for step, x in enumerate(self._on_device(loader.epoch(epoch, order.tolist()))):
                 start = step * batch_size + rank * local
@@ -480,8 +500,7 @@ class AnoMem(Detector):
                 else:
                     optimizer.step()
                 schedule.step()
-                means = distributed.mean_over_ranks({"loss": float(loss.detach()), "contrastive": parts["contrastive"],
-                                                     "variance": parts["variance"]})
+                means = distributed.mean_over_ranks({"loss": float(loss.detach()), **parts})
                 for key, value in means.items():
                     sums[key] += value
                 bar.update(1)
@@ -514,12 +533,20 @@ class AnoMem(Detector):
             x = random_quarter_turns(x, generator, part)
         view1, crop1 = simclr_view(x, config, generator, part)
         view2, crop2 = simclr_view(x, config, generator, part)
+        if self.pretext == "rotation":
+            turned, turns = random_quarter_turns(simclr_view(x, config, generator, part)[0], generator, part,
+                                                 return_turns=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.train_precision_ == "bf16"):
-            return self.model_.contrastive_loss(
+            loss, parts = self.model_.contrastive_loss(
                 view1, crop1, view2, crop2, normal_mask, sampling_ratios=self.sampling_ratios,
                 scale_weights=self.weights_, temperature=self.temperature, variance_weight=self.variance_weight,
                 generator=generator, negatives=self.negatives, part=part,
             )
+            if self.pretext == "rotation":
+                pretext = self.model_.rotation_loss(turned, turns)
+                loss = loss + self.pretext_weight * pretext
+                parts["pretext"] = float(pretext.detach())
+        return loss, parts
 
     @torch.no_grad()
     def _pooled_deviations(self, images: torch.Tensor | Dataset) -> list[torch.Tensor]:

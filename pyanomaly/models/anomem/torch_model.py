@@ -134,6 +134,8 @@ class AnoMemModel(nn.Module):
             = no head: the (normalised) features and recollections are contrasted directly.
         classifier_pool, classifier_hidden: the semi-supervised scale classifiers.
         mean, std: per-channel input normalisation (applied inside :meth:`features`).
+        rotation_head: add a linear 4-way head on the last scale's pooled features for the
+            rotation pretext task (:meth:`rotation_loss`).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class AnoMemModel(nn.Module):
         classifier_hidden: int,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        rotation_head: bool = False,
     ) -> None:
         super().__init__()
         factory = {"resnet18": resnet18, "resnet50": resnet50}[backbone]
@@ -175,6 +178,7 @@ class AnoMemModel(nn.Module):
         self.classifiers = nn.ModuleList(
             _ScaleClassifier(d, classifier_pool, classifier_hidden) for d in dims
         )
+        self.rotation_head = nn.Linear(dims[-1], 4) if rotation_head else None
         mean = torch.tensor(mean if mean is not None else [0.5] * in_channels, dtype=torch.float32)
         std = torch.tensor(std if std is not None else [0.25] * in_channels, dtype=torch.float32)
         self.register_buffer("mean", mean.view(1, -1, 1, 1))
@@ -191,6 +195,15 @@ class AnoMemModel(nn.Module):
         x = ((images - self.mean) / self.std).contiguous(memory_format=encoder_memory_format())
         stages = self.encoder(x, num_stages=self.num_stages)
         return [stages[s - 1].float() for s in self.scales]
+
+    def rotation_loss(self, turned: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+        """The rotation pretext loss: cross-entropy of the 4-way head on the last scale's
+        average-pooled features of images (B, C, H, W) turned by ``turns`` (B,) quarter turns."""
+        if self.rotation_head is None:
+            raise RuntimeError("this model has no rotation head (build it with rotation_head=True)")
+        pooled = self.features(turned)[-1].mean(dim=(2, 3))
+        with _fp32(turned.device):
+            return F.cross_entropy(self.rotation_head(pooled), turns)
 
     def deviations(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per scale, the map of (features - memory recollection) (Eq. 8), each (B, C_s, H_s, W_s).
