@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import pyanomaly.ops
 from pyanomaly import AnoMem
 from pyanomaly.metrics import image_auroc
-from pyanomaly.models.anomem.augment import AugmentConfig, matching_points, random_quarter_turns, simclr_view
+from pyanomaly.models.anomem.augment import (
+    AugmentConfig, all_quarter_turns, matching_points, random_quarter_turns, simclr_view,
+)
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss, nt_xent
 from pyanomaly.models.base import Detector
 from pyanomaly.nn import HopfieldMemory
@@ -212,6 +214,14 @@ def test_memory_gradients_reach_patterns_and_encoder():
     assert parts["variance"] > 0
     assert all(float(m.patterns.grad.abs().sum()) > 0 for m in model.memories)
     assert float(model.encoder.layer1[0].conv1.weight.grad.abs().sum()) > 0
+    # train_encoder=False: the same loss value, gradients for the memories only
+    model.zero_grad(set_to_none=True)
+    gen.set_state(state)
+    frozen, _ = model.contrastive_loss(v1, c1, v2, c2, is_normal, **kwargs, generator=gen, train_encoder=False)
+    torch.testing.assert_close(frozen, loss)
+    frozen.backward()
+    assert all(float(m.patterns.grad.abs().sum()) > 0 for m in model.memories)
+    assert all(p.grad is None for p in model.encoder.parameters())
 
 
 def _nt_xent_loop(first, second, temperature, groups):
@@ -339,6 +349,8 @@ def test_seed_reproducibility_and_input_formats(data):
         ({"distribution_augmentation": "rot45"}, "distribution_augmentation"),
         ({"pretext": "jigsaw"}, "pretext"),
         ({"pretext_weight": 0}, "pretext_weight"),
+        ({"contrastive_trains_encoder": False}, "needs a pretext"),
+        ({"contrastive_trains_encoder": 0, "pretext": "rotation"}, "contrastive_trains_encoder"),
     ],
 )
 def test_bad_constructor_arguments_name_the_argument(kwargs, match):
@@ -628,12 +640,12 @@ def test_distribution_augmentation_needs_square_images():
     AnoMem(**{**TINY, "epochs": 1}, distribution_augmentation="rot90", image_size=16).fit(images)
 
 
-def test_random_quarter_turns_returns_the_turn_of_each_image():
-    images = torch.rand(32, 3, 5, 5, generator=torch.Generator().manual_seed(0))
-    turned, turns = random_quarter_turns(images, torch.Generator().manual_seed(1), return_turns=True)
-    assert turns.dtype == torch.int64 and set(turns.tolist()) == {0, 1, 2, 3}
-    assert [_turn_of(t, x) for t, x in zip(turned, images)] == turns.tolist()
-    assert torch.equal(turned, random_quarter_turns(images, torch.Generator().manual_seed(1)))
+def test_all_quarter_turns_holds_every_turn_of_every_image_with_its_label():
+    images = torch.rand(3, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    turned, turns = all_quarter_turns(images)
+    assert turned.shape == (12, 2, 5, 5) and turns.dtype == torch.int64
+    assert turns.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [_turn_of(t, images[i % 3]) for i, t in enumerate(turned)] == turns.tolist()
 
 
 def test_rotation_loss_is_the_cross_entropy_of_the_head_on_pooled_last_scale_features():
@@ -682,8 +694,8 @@ def test_rotation_pretext_trains_the_head_on_turned_views_and_keeps_the_memory_u
     detector = AnoMem(**{**TINY, "epochs": 8}, pretext="rotation").fit(normal)
     turned, turns = seen["turned"][0]
     third = seen["views"][2]  # the first batch's views: two contrastive, one for the head
-    assert [_turn_of(t, v) for t, v in zip(turned, third)] == turns.tolist()
-    assert len(set(turns.tolist())) > 1
+    assert [_turn_of(t, third[i % len(third)]) for i, t in enumerate(turned)] == turns.tolist()
+    assert set(turns.tolist()) == {0, 1, 2, 3}
     upright = normal.float() / 255  # all three views of the first batch are drawn from upright images
     for images in seen["inputs"][:3]:
         assert all(any(_turn_of(x, u) == 0 for u in upright) for x in images)
@@ -702,3 +714,43 @@ def test_rotation_pretext_needs_square_images():
     images = torch.rand(8, 3, 16, 20, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r'pretext="rotation" needs square images'):
         AnoMem(**{**TINY, "epochs": 1}, pretext="rotation").fit(images)
+
+
+@pytest.mark.parametrize("contrastive_trains_encoder", [True, False])
+def test_contrastive_trains_encoder_false_leaves_the_encoder_to_the_pretext(monkeypatch, data, contrastive_trains_encoder):
+    """With a pretext loss that has no gradient, the encoder's weights move only when the contrastive
+    loss trains it; the memories train either way."""
+    monkeypatch.setattr(AnoMemModel, "rotation_loss", lambda self, turned, turns: turned.new_zeros(()))
+    config = {**TINY, "epochs": 1, "pretext": "rotation", "contrastive_trains_encoder": contrastive_trains_encoder}
+    detector = AnoMem(**config)
+    detector.fit(data["normal"][:32])  # 1 step; then compare against the seed's initial weights
+    torch.manual_seed(detector.seed)
+    initial = detector._build_model(3, (32, 32))
+    conv = "encoder.layer1.0.conv1.weight"
+    moved = not torch.equal(detector.model_.state_dict()[conv], initial.state_dict()[conv])
+    assert moved == contrastive_trains_encoder
+    assert not torch.equal(detector.model_.memories[0].patterns, initial.memories[0].patterns)
+
+
+def test_memory_init_features_starts_the_patterns_at_training_feature_vectors(monkeypatch, data):
+    detector = AnoMem(**{**TINY, "epochs": 1}, memory_init="features")
+    normal = data["normal"][:40]
+    seen = {}
+
+    def record_and_stop(images, n_normal, *args):
+        model = detector.model_.eval()
+        with torch.no_grad():
+            maps = model.features(normal.float() / 255)
+        seen["maps"] = maps
+        seen["patterns"] = [m.patterns.detach().clone() for m in model.memories]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(detector, "_train_stage1", record_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        detector.fit(normal)
+    for fmap, patterns in zip(seen["maps"], seen["patterns"]):
+        vectors = fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
+        exact = "donot_use_mm_for_euclid_dist"
+        distance = torch.cdist(patterns, vectors, compute_mode=exact).min(dim=1).values
+        assert float(distance.max()) < 1e-4 * float(vectors.norm(dim=1).mean())
+        assert len(torch.unique(patterns, dim=0)) == len(patterns)  # distinct positions (enough of them)

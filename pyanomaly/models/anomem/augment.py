@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "CropParams", "matching_points", "random_quarter_turns", "simclr_view"]
+__all__ = ["AugmentConfig", "CropParams", "all_quarter_turns", "matching_points", "random_quarter_turns", "simclr_view"]
 
 
 @dataclass(frozen=True)
@@ -175,16 +175,13 @@ def _noise(images: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     return (images + std.view(-1, 1, 1, 1).to(images.dtype) * noise).clamp(0, 1)
 
 
-def random_quarter_turns(
-    images: torch.Tensor, generator: torch.Generator, part=None, *, return_turns: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def random_quarter_turns(images: torch.Tensor, generator: torch.Generator, part=None) -> torch.Tensor:
     """Each image of a square batch (B, C, S, S) turned by its own random multiple of 90 degrees.
 
     Distribution augmentation (Sohn et al., 2021, "Learning and evaluating representations for deep
     one-class classification"): applied to a training image *before* its two views are drawn, so
     both views share the turn and a turned image is a new instance, not a positive of the upright
-    one. The upright class then fills only part of the feature sphere instead of all of it. Also the
-    input of the rotation pretext task (``return_turns=True`` adds the (B,) int64 turns, 0-3).
+    one. The upright class then fills only part of the feature sphere instead of all of it.
     ``part``: see :data:`Part`.
     """
     turns = _draw(lambda shape, **kw: torch.randint(0, 4, shape, **kw), images.shape[0], part,
@@ -194,7 +191,15 @@ def random_quarter_turns(
         chosen = turns == k
         if bool(chosen.any()):
             out[chosen] = torch.rot90(images[chosen], k, dims=(2, 3))
-    return (out, turns) if return_turns else out
+    return out
+
+
+def all_quarter_turns(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A square batch (B, C, S, S) in all four quarter turns -> (4B, C, S, S) images, turn k of
+    image i at row k * B + i, and their (4B,) int64 turns (the rotation pretext task's input, as
+    RotNet feeds it: every turn of every image in one batch)."""
+    turned = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+    return turned, torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
 
 
 def simclr_view(

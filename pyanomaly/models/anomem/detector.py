@@ -25,7 +25,7 @@ from pyanomaly import distributed
 from pyanomaly._progress import logger, progress
 from pyanomaly.distributed import use_global_batchnorm, use_plain_batchnorm
 from pyanomaly.data import as_images, stack_resized
-from pyanomaly.models.anomem.augment import AugmentConfig, random_quarter_turns, simclr_view
+from pyanomaly.models.anomem.augment import AugmentConfig, all_quarter_turns, random_quarter_turns, simclr_view
 from pyanomaly.models.anomem.torch_model import AnoMemModel, double_hinge_loss
 from pyanomaly.models._precision import check_precision, encoder_autocast, encoder_memory_format, training_precision
 from pyanomaly.models.base import Detector, resolve_device
@@ -36,6 +36,10 @@ _BACKBONES = ("resnet18", "resnet50")
 _NEGATIVES = ("other_images", "all")
 _DISTRIBUTION_AUGMENTATIONS = (None, "rot90")
 _PRETEXTS = (None, "rotation")
+_MEMORY_INITS = ("random", "features")
+#: The rotation pretext's view: cropped and flipped only (RotNet's augmentation). Colour jitter, blur
+#: and noise carry no cue to the turn, and a small crop can hide it.
+_PRETEXT_AUGMENT = AugmentConfig(crop_scale=(0.6, 1.0), jitter_p=0.0, blur_p=0.0, noise_p=0.0)
 
 
 class AnoMem(Detector):
@@ -104,15 +108,26 @@ class AnoMem(Detector):
             Scoring sees the images upright. Needs square images.
         pretext: None (default, the paper) or ``"rotation"``: stage 1 adds a self-supervised
             pretext loss, ``pretext_weight`` times the cross-entropy of a linear 4-way head that
-            tells, from the last scale's pooled features, which quarter turn a third augmented
-            view of each image was given (RotNet, Gidaris et al. 2018; the one-class detector of
-            Golan & El-Yaniv 2018; CSI's shift classification, Tack et al. 2020). The memories still
-            hold upright features only and the score is the paper's. A departure from the paper: on
-            CIFAR-10 one-vs-all, instance-contrastive training on one class alone makes the features
-            *worse* than an untrained encoder's, while the turn task makes them encode the class's
-            canonical orientation and appearance (results/anomem.md). One more encoder pass of the
-            batch per step. Needs square images.
+            tells, from the last scale's pooled features, which quarter turn an image was given: a
+            third view of each image (cropped to 60-100% of its area and flipped, nothing else), in
+            all four turns (RotNet, Gidaris et al. 2018; the one-class detector of Golan & El-Yaniv
+            2018; CSI's shift classification, Tack et al. 2020). The memories still hold upright
+            features only and the score is the paper's. A departure from the paper: on CIFAR-10
+            one-vs-all, instance-contrastive training on one class alone makes the features *worse*
+            than an untrained encoder's, while the turn task makes them encode the class's canonical
+            orientation and appearance (results/anomem.md). Four more encoder passes of the batch
+            per step. Needs square images.
         pretext_weight: weight of the pretext loss against the contrastive loss (ours).
+        memory_init: how the memory patterns start: "random" (default; small Gaussian values, as
+            hopfield-layers' learned patterns) or "features": each scale's patterns are the
+            untrained encoder's feature vectors at random positions of random training images
+            (ours; learned patterns that start far from the data stay far within a short fit,
+            results/anomem.md).
+        contrastive_trains_encoder: True (default, the paper): the contrastive loss trains the
+            encoder. False (needs ``pretext``): the encoder learns from the pretext loss alone and
+            the contrastive loss trains the memories (and projections) on its features, which it
+            sees without gradient; cheaper, and on one-class CIFAR-10 the contrastive gradient
+            undoes what the pretext teaches (results/anomem.md). A departure from the paper.
         contamination: fraction of training scores above ``threshold_``.
         seed: seeds the weights, the batch order and every augmentation draw.
         device: where to train and score: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1".
@@ -197,6 +212,8 @@ class AnoMem(Detector):
         distribution_augmentation: str | None = None,
         pretext: str | None = None,
         pretext_weight: float = 1.0,
+        memory_init: str = "random",
+        contrastive_trains_encoder: bool = True,
         contamination: float = 0.1,
         seed: int = 0,
         device: str | torch.device = "auto",
@@ -284,6 +301,14 @@ class AnoMem(Detector):
             raise ValueError(f"pretext must be one of {_PRETEXTS}, got {pretext!r}")
         self.pretext = pretext
         self.pretext_weight = _positive_float(pretext_weight, "pretext_weight")
+        if memory_init not in _MEMORY_INITS:
+            raise ValueError(f"memory_init must be one of {_MEMORY_INITS}, got {memory_init!r}")
+        self.memory_init = memory_init
+        if not isinstance(contrastive_trains_encoder, bool):
+            raise TypeError(f"contrastive_trains_encoder must be True or False, got {contrastive_trains_encoder!r}")
+        if not contrastive_trains_encoder and pretext is None:
+            raise ValueError("contrastive_trains_encoder=False needs a pretext (the encoder would not train): set pretext")
+        self.contrastive_trains_encoder = contrastive_trains_encoder
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -391,6 +416,8 @@ class AnoMem(Detector):
             torch.manual_seed(self.seed)
             self.model_ = self._build_model(self.in_channels_, size, mean.tolist(), std.tolist())
         self.model_.to(self.device)
+        if self.memory_init == "features" and resume is None:
+            self._patterns_from_features(normal)
         self.history_ = []
         self._train_stage1(training, len(normal), on_epoch_end, resume)
         if self.semi_supervised_:
@@ -429,6 +456,24 @@ class AnoMem(Detector):
         mean = total / count
         var = ((squares - count * mean * mean) / max(1, count - 1)).clamp(min=0)
         return mean.float().cpu(), var.sqrt().float().clamp(min=1e-3).cpu()
+
+    @torch.no_grad()
+    def _patterns_from_features(self, images) -> None:
+        """``memory_init="features"``: each memory's patterns <- the (untrained) encoder's feature
+        vectors at random positions of up to 1024 random images of ``images`` (a training source), in
+        eval mode (BatchNorm's statistics untouched)."""
+        model = self.model_.eval()
+        gen = torch.Generator().manual_seed(self.seed + 3)
+        chosen = torch.randperm(len(images), generator=gen)[:1024].sort().values.tolist()
+        batches = self._working_batches(images.subset(chosen), self.eval_batch_size)
+        maps = [torch.cat(parts) for parts in zip(*([m.cpu() for m in model.features(x)] for x in batches))]
+        for memory, fmap in zip(model.memories, maps):
+            vectors = fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
+            count = memory.patterns.shape[0]
+            rows = (torch.randperm(len(vectors), generator=gen)[:count] if len(vectors) >= count
+                    else torch.randint(len(vectors), (count,), generator=gen))
+            memory.patterns.copy_(vectors[rows].to(memory.patterns.device))
+        model.train()
 
     def _train_stage1(self, images: Dataset, n_normal: int, on_epoch_end=None, resume=None) -> None:
         """Stage 1 on ``images`` (the first ``n_normal`` normal, the rest labelled anomalies)."""
@@ -534,13 +579,13 @@ class AnoMem(Detector):
         view1, crop1 = simclr_view(x, config, generator, part)
         view2, crop2 = simclr_view(x, config, generator, part)
         if self.pretext == "rotation":
-            turned, turns = random_quarter_turns(simclr_view(x, config, generator, part)[0], generator, part,
-                                                 return_turns=True)
+            turned, turns = all_quarter_turns(simclr_view(x, _PRETEXT_AUGMENT, generator, part)[0])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.train_precision_ == "bf16"):
             loss, parts = self.model_.contrastive_loss(
                 view1, crop1, view2, crop2, normal_mask, sampling_ratios=self.sampling_ratios,
                 scale_weights=self.weights_, temperature=self.temperature, variance_weight=self.variance_weight,
                 generator=generator, negatives=self.negatives, part=part,
+                train_encoder=self.contrastive_trains_encoder,
             )
             if self.pretext == "rotation":
                 pretext = self.model_.rotation_loss(turned, turns)

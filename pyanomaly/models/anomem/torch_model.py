@@ -242,6 +242,7 @@ class AnoMemModel(nn.Module):
         generator: torch.Generator,
         negatives: str = "all",
         part: tuple[int, int] | None = None,
+        train_encoder: bool = True,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Multi-scale contrasted memory loss (Eq. 7) on a two-view batch.
 
@@ -261,12 +262,15 @@ class AnoMemModel(nn.Module):
             part: (first row, total rows) of this batch in the global batch (distributed training):
                 points are drawn for the whole global batch and sliced, NT-Xent contrasts against
                 every rank's vectors and the variance loss spans every rank's recollections.
+            train_encoder: False runs the encoder without gradient (its BatchNorm statistics still
+                update): the loss then trains the memories and projections only.
 
         Returns:
             (total loss, {"contrastive": ..., "variance": ...} weighted sums as floats).
         """
         batch = first.shape[0]
-        maps = self.features(torch.cat([first, second]))
+        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+            maps = self.features(torch.cat([first, second]))
         with _fp32(first.device):  # the encoder's maps are fp32; nothing after it runs in bf16
             total = first.new_zeros((), dtype=torch.float32)
             contrastive_sum, variance_sum = 0.0, 0.0
