@@ -121,8 +121,9 @@ class AnoMem(Detector):
         memory_init: how the memory patterns start: "random" (default; small Gaussian values, as
             hopfield-layers' learned patterns) or "features": each scale's patterns are the
             untrained encoder's feature vectors at random positions of random training images
-            (ours; learned patterns that start far from the data stay far within a short fit,
-            results/anomem.md).
+            (ours: with random patterns, a 3-epoch CIFAR-10 fit left them far from the features
+            they recall and the memory score at chance, results/anomem.md; whether this start
+            closes that gap is not measured yet).
         contrastive_trains_encoder: True (default, the paper): the contrastive loss trains the
             encoder. False (needs ``pretext``): the encoder learns from the pretext loss alone and
             the contrastive loss trains the memories (and projections) on its features, which it
