@@ -20,8 +20,13 @@ Variants:
   features instead of their recollection; no variance loss): SimCLR on the same sampled positions
   at both scales. The kNN columns are then plain SimCLR's; the memory score is of untrained memories.
 - ``--gamma G``: semi-supervised, ``round(G / (1 - G) * 5000)`` labelled anomalies drawn uniformly
-  from the other nine classes' training images (``pyanomaly.protocols.one_vs_all``'s rule); the
-  ``final`` row is the stage-2 classifiers' score after the fit.
+  from the other nine classes' training images (``pyanomaly.protocols.one_vs_all``'s rule).
+
+After each fit a ``final`` row gives the fitted detector's ``decision_function`` AUROC (``score``):
+the stage-2 classifiers' score when semi-supervised, else the memory score of the memory the fit
+ends with, which differs from the last epoch's ``memory`` where the fit rebuilds the memory after
+stage 1 (``memory_init="final_features"``). ``--eval-at 0`` skips the per-epoch rows;
+``--save-dir D`` saves each fitted detector to ``D/<class>-s<seed>.pt``.
 - ``--ood-root R``: out of distribution: the listed classes together are the normal data, their
   test images the normal test set, and every test image of the class folders under ``R`` (e.g.
   magnetic_tile's, gray, resized to 32 px) the anomalies.
@@ -153,6 +158,7 @@ def main() -> None:
     parser.add_argument("--ood-root", type=Path, help="out-of-distribution test images (the classes are the normal set)")
     parser.add_argument("--floors-only", action="store_true", help="write the floor rows and fit nothing")
     parser.add_argument("--checkpoint-dir", type=Path, help="save every epoch there and resume from it when rerun")
+    parser.add_argument("--save-dir", type=Path, help="save each fitted detector there")
     parser.add_argument("--out", type=Path, default=Path("results/anomem_curves.jsonl"))
     args = parser.parse_args()
     train_all, train_labels, classes = load_split(args.data, "train", args.cache)
@@ -235,10 +241,17 @@ def main() -> None:
 
             detector._build_model = build_plain
         detector.fit(train, anomalies=anomalies, on_epoch_end=on_epoch_end, resume=resume)
-        if args.gamma > 0:
-            write({"class": name, "kind": "final", **variant, "config": config, "n_anomalies": len(anomalies),
-                   "fit_s": round(fit_seconds(), 1),
-                   "score": auroc(is_anomaly, detector.decision_function(scored))})
+        fit_s = round(fit_seconds(), 1)
+        tick = time.perf_counter()
+        row = {"class": name, "kind": "final", **variant, "config": config, "fit_s": fit_s,
+               "score": auroc(is_anomaly, detector.decision_function(scored))}
+        if anomalies is not None:
+            row["n_anomalies"] = len(anomalies)
+        row["eval_s"] = round(time.perf_counter() - tick, 1)
+        write(row)
+        if args.save_dir:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            detector.save(args.save_dir / f"{name}-s{args.seed}.pt")
 
 
 if __name__ == "__main__":

@@ -754,3 +754,22 @@ def test_memory_init_features_starts_the_patterns_at_training_feature_vectors(mo
         distance = torch.cdist(patterns, vectors, compute_mode=exact).min(dim=1).values
         assert float(distance.max()) < 1e-4 * float(vectors.norm(dim=1).mean())
         assert len(torch.unique(patterns, dim=0)) == len(patterns)  # distinct positions (enough of them)
+
+
+def test_memory_init_final_features_stores_the_trained_encoders_states(data):
+    """After stage 1 the patterns are the trained encoder's vectors at training positions, the
+    pattern LayerNorm is the state LayerNorm (so the stored patterns are those positions' states),
+    and the threshold is fitted on the scores of that memory."""
+    normal = data["normal"][:40]
+    detector = AnoMem(**{**TINY, "epochs": 1}, memory_init="final_features").fit(normal)
+    model = detector.model_.eval()
+    with torch.no_grad():
+        maps = model.features(normal.float() / 255)
+        for memory, fmap in zip(model.memories, maps):
+            vectors = fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
+            exact = "donot_use_mm_for_euclid_dist"
+            distance = torch.cdist(memory.patterns, vectors, compute_mode=exact).min(dim=1).values
+            assert float(distance.max()) < 1e-4 * float(vectors.norm(dim=1).mean())
+            torch.testing.assert_close(memory.stored_patterns(), memory.states(memory.patterns))
+    above = (detector.decision_function(normal) > detector.threshold_).mean()
+    assert above == pytest.approx(detector.contamination, abs=1 / len(normal))
