@@ -21,15 +21,15 @@ Variants:
   at both scales. The kNN columns are then plain SimCLR's; the memory score is of untrained memories.
 - ``--gamma G``: semi-supervised, ``round(G / (1 - G) * 5000)`` labelled anomalies drawn uniformly
   from the other nine classes' training images (``pyanomaly.protocols.one_vs_all``'s rule).
+- ``--ood-root R``: out of distribution: the listed classes together are the normal data, their
+  test images the normal test set, and every test image of the class folders under ``R`` (e.g.
+  magnetic_tile's, gray, resized to 32 px) the anomalies.
 
 After each fit a ``final`` row gives the fitted detector's ``decision_function`` AUROC (``score``):
 the stage-2 classifiers' score when semi-supervised, else the memory score of the memory the fit
 ends with, which differs from the last epoch's ``memory`` where the fit rebuilds the memory after
 stage 1 (``memory_init="final_features"``). ``--eval-at 0`` skips the per-epoch rows;
 ``--save-dir D`` saves each fitted detector to ``D/<class>-s<seed>.pt``.
-- ``--ood-root R``: out of distribution: the listed classes together are the normal data, their
-  test images the normal test set, and every test image of the class folders under ``R`` (e.g.
-  magnetic_tile's, gray, resized to 32 px) the anomalies.
 
 Resumable: with ``--checkpoint-dir D`` every epoch's training state goes to ``D/<run>/`` (the
 library's ``checkpoint_every=1``); the same command, rerun after a stop, resumes from the last
