@@ -47,7 +47,7 @@ def main() -> None:
         tick = time.perf_counter()
         detector = AnoMem.load(path, device="cpu")
         scale_scores = detector.scale_scores(test)
-        row = {"class": name, "kind": "saved_eval", "model": path.name, "seed": detector.seed,
+        row = {"class": name, "kind": "saved_eval", "model": path.name, "epochs": detector.epochs, "seed": detector.seed,
                "memory_init": detector.memory_init, "train_precision": detector.train_precision_,
                "memory": auroc(is_anomaly, detector.decision_function(test))}
         row.update({f"memory_s{s}": auroc(is_anomaly, scale_scores[:, i]) for i, s in enumerate(detector.scales)})
