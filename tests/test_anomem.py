@@ -732,6 +732,14 @@ def test_contrastive_trains_encoder_false_leaves_the_encoder_to_the_pretext(monk
     assert not torch.equal(detector.model_.memories[0].patterns, initial.memories[0].patterns)
 
 
+def assert_patterns_are_feature_vectors(patterns: torch.Tensor, fmap: torch.Tensor) -> None:
+    """Every pattern (M, C) is (to fp32 rounding) one of the feature vectors of ``fmap`` (B, C, H, W)."""
+    vectors = fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
+    exact = "donot_use_mm_for_euclid_dist"
+    distance = torch.cdist(patterns, vectors, compute_mode=exact).min(dim=1).values
+    assert float(distance.max()) < 1e-4 * float(vectors.norm(dim=1).mean())
+
+
 def test_memory_init_features_starts_the_patterns_at_training_feature_vectors(monkeypatch, data):
     detector = AnoMem(**{**TINY, "epochs": 1}, memory_init="features")
     normal = data["normal"][:40]
@@ -749,10 +757,7 @@ def test_memory_init_features_starts_the_patterns_at_training_feature_vectors(mo
     with pytest.raises(KeyboardInterrupt):
         detector.fit(normal)
     for fmap, patterns in zip(seen["maps"], seen["patterns"]):
-        vectors = fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
-        exact = "donot_use_mm_for_euclid_dist"
-        distance = torch.cdist(patterns, vectors, compute_mode=exact).min(dim=1).values
-        assert float(distance.max()) < 1e-4 * float(vectors.norm(dim=1).mean())
+        assert_patterns_are_feature_vectors(patterns, fmap)
         assert len(torch.unique(patterns, dim=0)) == len(patterns)  # distinct positions (enough of them)
 
 
@@ -766,10 +771,7 @@ def test_memory_init_final_features_stores_the_trained_encoders_states(data):
     with torch.no_grad():
         maps = model.features(normal.float() / 255)
         for memory, fmap in zip(model.memories, maps):
-            vectors = fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1])
-            exact = "donot_use_mm_for_euclid_dist"
-            distance = torch.cdist(memory.patterns, vectors, compute_mode=exact).min(dim=1).values
-            assert float(distance.max()) < 1e-4 * float(vectors.norm(dim=1).mean())
+            assert_patterns_are_feature_vectors(memory.patterns, fmap)
             torch.testing.assert_close(memory.stored_patterns(), memory.states(memory.patterns))
     above = (detector.decision_function(normal) > detector.threshold_).mean()
     assert above == pytest.approx(detector.contamination, abs=1 / len(normal))
