@@ -57,6 +57,7 @@ def test_onnx_matches_score_with_a_dynamic_batch(name, detectors, tmp_path):
     np.testing.assert_array_equal(inferencer.predict(images), (inferencer.decision_function(images) > detector.threshold_))
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("name", ["cpcad", "anomem"])
 def test_torch_export_keeps_the_custom_ops_and_matches(name, detectors, tmp_path):
     detector, images = detectors[name]

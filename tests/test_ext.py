@@ -17,10 +17,12 @@ def test_top_level_imports():
 
 
 def test_kernels_loaded_for_this_torch():
+    """The build check: fails (where the ``kernels``-marked tests skip) when the kernels are missing."""
     assert _ext.load_error() is None, _ext.load_error()
     info = _ext.build_info()
     assert info["torch_version"] == torch.__version__
     assert _ext.has_kernels("cpu")
+    assert all(hasattr(torch.ops.pyanomaly, name) for name in _ext.EXPECTED_OPS)
 
 
 def test_info_command_reports_build(tmp_path):
@@ -58,6 +60,7 @@ print("ok")
     assert "ok" in result.stdout
 
 
+@pytest.mark.kernels
 def test_stale_extension_missing_an_op_is_not_used(monkeypatch):
     for name in ("_C", "_load_error", "_built_with_cuda"):
         monkeypatch.setattr(_ext, name, getattr(_ext, name))  # restored after the test

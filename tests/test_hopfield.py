@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
 import pyanomaly.nn
-from pyanomaly import _ext
 from pyanomaly.nn import HopfieldMemory, HopfieldRecall
 from pyanomaly.ops import hopfield_retrieve, hopfield_retrieve_ref
 
@@ -54,6 +55,27 @@ def run(fn, queries, memory, weight, **kwargs):
     return retrieved.detach(), iterations, grads[0], grads[1]
 
 
+def median_errors(fn, queries, memory, weight, truth, dtype, orders=9, **kwargs):
+    """``fn``'s error against ``truth`` in ``dtype``, {output index of ``run``: error}, the median over
+    the given pattern order and ``orders - 1`` shuffled ones (the same sums, in other orders).
+
+    Saturating multi-step retrievals amplify rounding, so one order's error is a draw, not a level: at
+    (150, 700, 13, beta 1.5, 6 steps, tol 1e-3) the plain loop's memory-gradient error spans 2e-4 to
+    4e-3 over 32 orders (median 1.8e-3; the given order 3e-4 on a Xeon with AMX), the kernel's median
+    8e-4, so comparing one order with one order fails or passes by luck.
+    """
+    errors = []
+    for order in range(orders):
+        perm = torch.arange(memory.shape[0]) if order == 0 else torch.randperm(
+            memory.shape[0], generator=torch.Generator().manual_seed(order))
+        retrieved, _, grad_queries, grad_memory = run(fn, queries.to(dtype), memory.to(dtype)[perm], weight, **kwargs)
+        if grad_memory is not None:
+            grad_memory = grad_memory[torch.argsort(perm)]
+        outputs = {0: retrieved, 2: grad_queries, 3: grad_memory}
+        errors.append({k: max_err(out, truth[k]) for k, out in outputs.items() if truth[k] is not None})
+    return {k: statistics.median(e[k] for e in errors) for k in errors[0]}
+
+
 def max_err(a, b):
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
@@ -71,7 +93,9 @@ def test_matches_reference(shape, grad, max_iter, tol, dtype):
     kwargs = dict(beta=beta, max_iter=max_iter, tol=tol, grad=grad)
     fused = run(hopfield_retrieve, queries.to(dtype), memory.to(dtype), weight, **kwargs)
     truth = run(hopfield_retrieve_ref, queries, memory, weight, **kwargs)  # float64
-    plain = run(hopfield_retrieve_ref, queries.to(dtype), memory.to(dtype), weight, **kwargs)
+    if dtype != torch.float64:  # both over the same pattern orders
+        fused_error = median_errors(hopfield_retrieve, queries, memory, weight, truth, dtype, **kwargs)
+        plain_error = median_errors(hopfield_retrieve_ref, queries, memory, weight, truth, dtype, **kwargs)
 
     assert fused[0].dtype == dtype and fused[0].shape == (n, d)
     assert fused[1].dtype == torch.int32 and torch.equal(fused[1], truth[1])
@@ -88,14 +112,14 @@ def test_matches_reference(shape, grad, max_iter, tol, dtype):
         scale = max(float(truth[k].abs().max()), 1.0)
         if dtype == torch.float64:
             assert max_err(fused[k], truth[k]) <= 1e-9 * scale
-        else:  # at most twice the error of the plain-PyTorch loop in the same dtype
-            assert max_err(fused[k], truth[k]) <= 2 * max_err(plain[k], truth[k]) + 2e-6 * scale
+        else:  # at most twice the error of the plain-PyTorch loop in the same dtype (medians over orders)
+            assert fused_error[k] <= 2 * plain_error[k] + 2e-6 * scale
     # Inference (no gradient: save="none") under the same rule.
     with torch.no_grad():
         inferred, inferred_iterations = hopfield_retrieve(queries.to(dtype), memory.to(dtype), **kwargs)
     assert torch.equal(inferred_iterations, truth[1])
     scale = max(float(truth[0].abs().max()), 1.0)
-    bound = 1e-9 * scale if dtype == torch.float64 else 2 * max_err(plain[0], truth[0]) + 2e-6 * scale
+    bound = 1e-9 * scale if dtype == torch.float64 else 2 * plain_error[0] + 2e-6 * scale
     assert max_err(inferred, truth[0]) <= bound
 
 
@@ -257,7 +281,7 @@ def test_gradcheck_float64(grad, max_iter, tol):
         assert torch.autograd.gradcheck(fn, (queries, memory), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("save", ["unrolled", "last", "none"])
 def test_opcheck(save, dtype):
@@ -273,7 +297,7 @@ def test_opcheck(save, dtype):
     torch.library.opcheck(torch.ops.pyanomaly.hopfield_retrieve_backward.default, backward_args)
 
 
-@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+@pytest.mark.kernels
 @pytest.mark.parametrize(("save", "max_iter", "stored"), [("unrolled", 1, 0), ("unrolled", 4, 3), ("last", 4, 1), ("none", 4, 0)])
 def test_saved_states_leave_out_queries_and_result(save, max_iter, stored):
     # Step 0 starts from the queries (autograd keeps them) and the final state is the result: neither
@@ -284,7 +308,7 @@ def test_saved_states_leave_out_queries_and_result(save, max_iter, stored):
     assert lse.shape[0] == {"unrolled": max_iter, "last": 1, "none": 0}[save]
 
 
-@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+@pytest.mark.kernels
 def test_backward_names_a_wrong_states_shape():
     queries, memory = make_inputs(30, 10, 6, seed=4, dtype=torch.float32)
     _, iterations, states, lse = torch.ops.pyanomaly.hopfield_retrieve(queries, memory, 0.5, 3, 0.0, "unrolled")
@@ -295,7 +319,7 @@ def test_backward_names_a_wrong_states_shape():
         )
 
 
-@pytest.mark.skipif(not _ext.has_kernels("cpu"), reason="compiled kernels not built")
+@pytest.mark.kernels
 def test_memory_gradient_partials_per_thread():
     # One grad_memory partial sum per thread: the same thread count gives the same bits; another
     # thread count sums the partials in another order, so the gradient moves by float32 rounding.
@@ -331,6 +355,7 @@ def test_memory_gradient_partials_per_thread():
         assert float((by_threads[1].double() - truth[1]).abs().max()) <= 2 * plain_error
 
 
+@pytest.mark.kernels
 def test_torch_compile_fullgraph():
     queries, memory = make_inputs(80, 20, 8, seed=13, dtype=torch.float32)
     weight = torch.randn(80, 8, dtype=torch.float64)
@@ -389,6 +414,7 @@ def test_reference_validates_too():
         hopfield_retrieve_ref(torch.randn(4, 3), torch.randn(5, 3), beta=-1.0)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -407,6 +433,7 @@ def test_compiled_op_checks_its_arguments(args, match):
         torch.ops.pyanomaly.hopfield_retrieve(*args)
 
 
+@pytest.mark.kernels
 def test_backward_op_checks_shapes():
     _, iterations, states, lse = torch.ops.pyanomaly.hopfield_retrieve(
         torch.randn(4, 3), torch.randn(5, 3), 1.0, 2, 1e-4, "unrolled"
@@ -422,6 +449,7 @@ def test_backward_op_checks_shapes():
         )
 
 
+@pytest.mark.kernels
 def test_backward_without_saved_states_raises():
     queries = torch.randn(4, 3, requires_grad=True)
     retrieved = torch.ops.pyanomaly.hopfield_retrieve(queries, torch.randn(5, 3), 1.0, 2, 1e-4, "none")[0]

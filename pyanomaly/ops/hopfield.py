@@ -162,14 +162,14 @@ def hopfield_retrieve(
     # (N, D) queries are not read twice. The memory, read by every row and small, is checked up front.
     cpu_kernel = _ext.has_kernels(queries.device) and queries.device.type == "cpu"
     _check_args(queries, memory, beta, max_iter, tol, grad, check_queries=not cpu_kernel)
+    supported = _KERNEL_DTYPES.get(queries.device.type)  # the same with or without the kernels loaded
+    if supported is not None and queries.dtype not in supported:
+        names = ", ".join(str(d).replace("torch.", "") for d in supported)
+        raise TypeError(f"queries must be one of {names} on {queries.device.type}, got {queries.dtype}")
     if not _ext.has_kernels(queries.device):
         retrieved, iterations = hopfield_retrieve_ref(queries, memory, beta=beta, max_iter=max_iter, tol=tol, grad=grad)
         check_no_overflow("hopfield_retrieve", retrieved, queries=queries, memory=memory)
         return retrieved, iterations
-    supported = _KERNEL_DTYPES.get(queries.device.type)
-    if supported is not None and queries.dtype not in supported:
-        names = ", ".join(str(d).replace("torch.", "") for d in supported)
-        raise TypeError(f"queries must be one of {names} on {queries.device.type}, got {queries.dtype}")
     needs_grad = torch.is_grad_enabled() and (queries.requires_grad or memory.requires_grad)
     save = grad if needs_grad else "none"
     retrieved, iterations, _, _ = torch.ops.pyanomaly.hopfield_retrieve(
